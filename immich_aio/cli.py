@@ -1,0 +1,60 @@
+"""Command line: `immich-aio` serves; `immich-aio models ...` fetches and imports models."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import immich_aio  # noqa: F401  (sets ORT_DISABLE_TELEMETRY before onnxruntime is imported)
+
+
+def serve() -> int:
+    from immich_aio.config import ConfigError, Settings
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError as e:
+        print(f"immich-aio: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print(
+            "immich-aio: ONNX Runtime is not installed. Install `immich-aio[cpu]` (onnxruntime) or, "
+            "on an NVIDIA host, `immich-aio[gpu]` (onnxruntime-gpu) - not both.",
+            file=sys.stderr,
+        )
+        return 2
+    import uvicorn
+
+    from immich_aio.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.bind_host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_keep_alive=int(max(1, settings.keepalive_s)),
+        timeout_graceful_shutdown=10,
+        access_log=settings.log_level == "debug",
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "models":
+        from immich_aio.download.cli import main as models_main
+
+        return models_main(argv[1:])
+    if argv and argv[0] in {"-h", "--help"}:
+        print(
+            "usage: immich-aio            start the server (configured by environment variables)\n"
+            "       immich-aio models ...  fetch, export or import models (see `immich-aio models -h`)"
+        )
+        return 0
+    return serve()

@@ -1,0 +1,82 @@
+"""What every model is: a named thing that loads its files, predicts, and lets go of them."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from immich_aio.sessions import SessionFactory
+
+
+@dataclass
+class Payload:
+    """One request's input, decoded once and shared by all of its entries."""
+
+    image: np.ndarray | None = None  # HxWx3 uint8 RGB
+    text: str | None = None
+    outputs: dict[tuple[str, str], Any] = field(default_factory=dict)  # earlier entries' raw output
+
+
+class Model(ABC):
+    """Owns exactly its preprocessing, its ONNX Runtime session(s) and its postprocessing."""
+
+    task: str
+    type: str
+
+    def __init__(self, name: str, files: dict[str, Path], factory: SessionFactory) -> None:
+        self.name = name
+        self.files = files  # role -> path, shown in /info
+        self.factory = factory
+        self.session: ort.InferenceSession | None = None
+
+    @abstractmethod
+    def load(self) -> None:
+        """Create sessions; raise with a reason a user can act on."""
+
+    @abstractmethod
+    def predict(self, payload: Payload, options: dict[str, Any]) -> Any:
+        """Raw output (kept for dependents); `response` turns it into the wire value."""
+
+    def response(self, output: Any, options: dict[str, Any]) -> Any:
+        return output
+
+    def close(self) -> None:
+        """Drop the session so ONNX Runtime frees its memory (host and device)."""
+        self.session = None
+
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers()) if self.session is not None else []
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved request name: the real model that answers it and how to build that model."""
+
+    task: str
+    type: str
+    name: str  # the served model's own name; the cache key
+    build: Callable[[], Model]
+    requested: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.task, self.type, self.name)
+
+
+class Resolver(ABC):
+    """Maps the names a client may send for one task to installed models."""
+
+    task: str
+
+    @abstractmethod
+    def resolve(self, type_: str, requested: str) -> ModelSpec: ...
+
+    def aliases(self) -> dict[str, str]:
+        """Names this task answers to that are not model names themselves, for /info."""
+        return {}

@@ -1,0 +1,177 @@
+"""PP-OCR text detection (DB) and recognition (CTC) on sessions from our factory.
+
+RapidOCR supplies two well-tested pieces, the DB box extraction and the CTC decoder; the
+pre-processing, cropping, batching and ordering are ours, and RapidOCR is never handed a string
+(its pipeline fetches strings that look like URLs).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from immich_aio.errors import BadRequest
+from immich_aio.models.base import Model, Payload
+from immich_aio.protocol import DETECTION, OCR, RECOGNITION, option_float
+from immich_aio.sessions import SessionProfile
+
+REC_HEIGHT = 48
+REC_MIN_WIDTH = 320
+LINE_GAP_PX = 10  # boxes whose tops differ by less than this are one line of text
+
+
+def bundled_model_dir() -> Path:
+    import rapidocr
+
+    return Path(rapidocr.__file__).parent / "models"
+
+
+def to_bgr(image: np.ndarray) -> np.ndarray:
+    """PP-OCR was trained on OpenCV's BGR images."""
+    return np.ascontiguousarray(image[..., ::-1])
+
+
+def detector_input_size(height: int, width: int, max_resolution: int) -> tuple[int, int]:
+    """Scale the shorter side down (never up) to max_resolution; both sides multiples of 32."""
+    ratio = min(max_resolution / min(height, width), 1.0)
+    return (max(32, round(height * ratio / 32) * 32), max(32, round(width * ratio / 32) * 32))
+
+
+def reading_order(boxes: np.ndarray) -> np.ndarray:
+    """Indices top-to-bottom, then left-to-right within a line (lines split at gaps >= LINE_GAP_PX)."""
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    tops = boxes[:, 0, 1]
+    by_top = np.argsort(tops, kind="stable")
+    line = np.concatenate([[0], np.cumsum(np.diff(tops[by_top]) >= LINE_GAP_PX)])
+    return by_top[np.lexsort((boxes[by_top, 0, 0], line))]
+
+
+def crop_quad(image: np.ndarray, quad: np.ndarray) -> np.ndarray | None:
+    """Rectify one detected quadrilateral (TL, TR, BR, BL) into an upright line image."""
+    quad = quad.astype(np.float32)
+    width = int(max(np.linalg.norm(quad[0] - quad[1]), np.linalg.norm(quad[2] - quad[3])))
+    height = int(max(np.linalg.norm(quad[0] - quad[3]), np.linalg.norm(quad[1] - quad[2])))
+    if width < 1 or height < 1:
+        return None
+    target = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=np.float32)
+    matrix = cv2.getPerspectiveTransform(quad, target)
+    crop = cv2.warpPerspective(image, matrix, (width, height), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+    if height / width >= 1.5:  # vertical text: read it as a horizontal line
+        crop = np.ascontiguousarray(np.rot90(crop))
+    return crop
+
+
+class OcrDetector(Model):
+    task, type = OCR, DETECTION
+
+    def load(self) -> None:
+        from rapidocr.ch_ppocr_det.utils import DBPostProcess
+
+        self._post = DBPostProcess
+        self.session = self.factory.create(self.files["model"], SessionProfile(dynamic_shapes=True))
+        self.input_name = self.session.get_inputs()[0].name
+
+    def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, np.ndarray]:
+        assert payload.image is not None
+        min_score = option_float(options, "minScore", 0.5, 0.0, 1.0)
+        max_res = option_float(options, "maxResolution", 736, 1, 100_000)
+        score_mode = options.get("scoreMode", "fast")
+        if score_mode not in ("fast", "slow"):
+            raise BadRequest(f"option 'scoreMode' must be 'fast' or 'slow', got {score_mode!r}")
+        height, width = payload.image.shape[:2]
+        empty = {"boxes": np.zeros((0, 4, 2), np.float32), "scores": np.zeros(0, np.float32)}
+        if height < 32 or width < 32:
+            return empty
+        in_h, in_w = detector_input_size(height, width, int(max_res))
+        bgr = to_bgr(payload.image)
+        interp = cv2.INTER_AREA if in_h < height else cv2.INTER_LINEAR
+        resized = cv2.resize(bgr, (in_w, in_h), interpolation=interp)
+        blob = ((resized.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]
+        prob = self.session.run(None, {self.input_name: blob})[0]
+        post = self._post(
+            thresh=0.3,
+            box_thresh=min_score,
+            max_candidates=1000,
+            unclip_ratio=1.6,
+            use_dilation=True,
+            score_mode=score_mode,
+        )
+        boxes, scores = post(prob, (height, width))
+        if len(boxes) == 0:
+            return empty
+        boxes = np.asarray(boxes, dtype=np.float32)
+        order = reading_order(boxes)
+        return {"boxes": boxes[order], "scores": np.asarray(scores, dtype=np.float32)[order]}
+
+    def response(self, output: dict[str, np.ndarray], options: dict[str, Any]) -> dict[str, Any]:
+        return {"boxes": output["boxes"].tolist(), "scores": output["scores"].tolist()}
+
+
+class OcrRecognizer(Model):
+    task, type = OCR, RECOGNITION
+
+    def __init__(self, *args: Any, max_batch: int = 16, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_batch = max_batch
+
+    def load(self) -> None:
+        from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
+
+        self.session = self.factory.create(self.files["model"], SessionProfile(dynamic_shapes=True))
+        self.input_name = self.session.get_inputs()[0].name
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "character" not in meta:
+            raise ValueError("recognition model has no 'character' metadata (the PP-OCR ONNX charset)")
+        self.decoder = CTCLabelDecode(character=meta["character"].splitlines())
+
+    def recognize(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
+        """CTC-decode line images in batches of similar aspect ratio (less padding per batch)."""
+        results: list[tuple[str, float]] = [("", 0.0)] * len(crops)
+        ratios = np.array([c.shape[1] / c.shape[0] for c in crops])
+        order = np.argsort(ratios, kind="stable")
+        for start in range(0, len(order), self.max_batch):
+            idx = order[start : start + self.max_batch]
+            max_ratio = max(REC_MIN_WIDTH / REC_HEIGHT, float(ratios[idx].max()))
+            canvas_w = int(REC_HEIGHT * max_ratio)
+            batch = np.zeros((len(idx), 3, REC_HEIGHT, canvas_w), dtype=np.float32)
+            for row, i in enumerate(idx):
+                crop = crops[i]
+                w = min(canvas_w, math.ceil(REC_HEIGHT * crop.shape[1] / crop.shape[0]))
+                line = cv2.resize(crop, (w, REC_HEIGHT)).astype(np.float32)
+                batch[row, :, :, :w] = ((line / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+            probs = self.session.run(None, {self.input_name: batch})[0]
+            decoded, _ = self.decoder(probs, False)
+            for row, i in enumerate(idx):
+                results[i] = (decoded[row][0], float(decoded[row][1]))
+        return results
+
+    def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, Any]:
+        assert payload.image is not None
+        min_score = option_float(options, "minScore", 0.9, 0.0, 1.0)
+        det = payload.outputs[(OCR, DETECTION)]
+        boxes, box_scores = det["boxes"], det["scores"]
+        bgr = to_bgr(payload.image)
+        crops, kept = [], []
+        for i, quad in enumerate(boxes):
+            crop = crop_quad(bgr, quad)
+            if crop is not None:
+                crops.append(crop)
+                kept.append(i)
+        recognised = self.recognize(crops) if crops else []
+        height, width = payload.image.shape[:2]
+        scale = np.array([width, height], dtype=np.float32)
+        text, keep, text_score = [], [], []
+        for i, (line, score) in zip(kept, recognised, strict=True):
+            if line and score > min_score:  # strict, as upstream
+                text.append(line)
+                keep.append(i)
+                text_score.append(round(score, 5))
+        # float32 so the JSON carries float32's shortest repr, like upstream's numpy output
+        box = (boxes[keep] / scale).astype(np.float32).reshape(-1) if keep else np.zeros(0, np.float32)
+        box_score = [round(float(s), 5) for s in box_scores[keep]] if keep else []
+        return {"text": text, "box": box, "boxScore": box_score, "textScore": text_score}

@@ -1,0 +1,102 @@
+"""Everything a running server owns: store, session factory, registry, worker pool, reaper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import onnxruntime as ort
+
+from immich_aio import __version__
+from immich_aio.config import Settings
+from immich_aio.errors import PredictError
+from immich_aio.models.base import Resolver
+from immich_aio.names.ocr import OcrResolver
+from immich_aio.protocol import OCR
+from immich_aio.registry import ModelRegistry
+from immich_aio.sessions import SessionFactory
+from immich_aio.store import ModelStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def build_resolvers(settings: Settings, store: ModelStore, factory: SessionFactory) -> dict[str, Resolver]:
+    return {
+        OCR: OcrResolver(store, factory, settings.ocr_default_model, settings.ocr_max_batch),
+    }
+
+
+class Runtime:
+    def __init__(self, settings: Settings, executor: ThreadPoolExecutor) -> None:
+        self.settings = settings
+        self.executor = executor
+        self.store = ModelStore(settings.cache_folder)
+        self.factory = SessionFactory(settings)
+        self.registry = ModelRegistry(build_resolvers(settings, self.store, self.factory), settings.model_ttl)
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+
+    async def start(self) -> None:
+        if self.settings.preload:
+            await self.run(self.preload)
+        if self.settings.model_ttl > 0:
+            self._reaper = asyncio.create_task(self._reap_forever())
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.registry.unload_all()
+        log.info("Stopped: requests finished, models unloaded")
+
+    def preload(self) -> None:
+        """Load MACHINE_LEARNING_PRELOAD__* models now; they never expire. A failure is logged, not fatal."""
+        for (task, type_), names in self.settings.preload.items():
+            for name in names:
+                try:
+                    self.registry.load(self.registry.resolve(task, type_, name), pin=True)
+                except (PredictError, KeyError) as e:
+                    log.error("Preload of %s.%s %r failed: %s", task, type_, name, getattr(e, "detail", e))
+
+    async def _reap_forever(self) -> None:
+        poll = self.settings.model_ttl_poll_s
+        poll = poll if poll > 0 else max(self.settings.model_ttl / 2, 0.05)
+        while True:
+            await asyncio.sleep(poll)
+            try:
+                await self.run(self.registry.reap)
+            except RuntimeError:  # executor already shut down
+                return
+
+    def info(self) -> dict[str, Any]:
+        models = []
+        for spec, model, requested, pinned in self.registry.loaded():
+            models.append(
+                {
+                    "task": spec.task,
+                    "type": spec.type,
+                    "name": spec.name,
+                    "answersTo": sorted(requested),
+                    "files": {role: self.store.describe(path).as_dict() for role, path in model.files.items()},
+                    "providers": model.providers(),
+                    "preloaded": pinned,
+                }
+            )
+        return {
+            "version": __version__,
+            "onnxruntime": ort.__version__,
+            "providers": self.factory.providers,
+            "modelStore": str(self.store.root),
+            "models": sorted(models, key=lambda m: (m["task"], m["type"], m["name"])),
+            "aliases": {task: r.aliases() for task, r in self.registry.resolvers.items()},
+        }

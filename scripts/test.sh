@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install the test dependencies into .venv and run every check: ruff, pip check, the whole test suite.
+# This is the README's test command; .ci/run runs exactly this on a clean checkout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export ORT_DISABLE_TELEMETRY=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+# Reference implementations used only by parity tests. Their declared dependencies (CUDA torch,
+# torchvision, GUI OpenCV, the CPU onnxruntime wheel, an lmdb pin without wheels) would break the
+# environment, so they go, without dependencies, into a folder the tests put on sys.path.
+if [ -s tests/reference-requirements.txt ]; then
+  .venv/bin/python -m pip install -q --no-deps --upgrade --target tests/.vendor -r tests/reference-requirements.txt
+fi
+.venv/bin/python -m pip check
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+exec .venv/bin/python -m pytest "$@"

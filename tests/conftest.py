@@ -1,0 +1,103 @@
+"""Shared test helpers: an app per test with its own settings and store, and Immich-shaped requests."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # before anything imports onnxruntime
+
+import io
+import json
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from immich_aio.app import create_app
+from immich_aio.config import Settings
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+OCR_ENTRIES = {
+    "ocr": {
+        "detection": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.5, "maxResolution": 736}},
+        "recognition": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.8}},
+    }
+}
+
+
+def settings_for(store: Path, **env: str) -> Settings:
+    base = {"MACHINE_LEARNING_CACHE_FOLDER": str(store), "MACHINE_LEARNING_REQUEST_THREADS": "2"}
+    base.update(env)
+    return Settings.from_env(base)
+
+
+@contextmanager
+def temp_settings(**env: str) -> Iterator[Settings]:
+    """Settings with a throwaway store, for module-scoped fixtures (tmp_path is per test)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        yield settings_for(Path(tmp) / "models", **env)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def make_client(store: Path) -> Iterator[Callable[..., TestClient]]:
+    """make_client(**env) -> a started TestClient; closed at the end of the test."""
+    clients: list[TestClient] = []
+
+    def make(**env: str) -> TestClient:
+        client = TestClient(create_app(settings_for(store, **env)), raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client) -> TestClient:
+    return make_client()
+
+
+def predict(
+    client: TestClient, entries: dict | str, image: bytes | None = None, text: str | None = None, path: str = "/predict"
+):
+    """POST like the Immich server: `entries` field + `image` part named blob, octet-stream."""
+    data = {"entries": entries if isinstance(entries, str) else json.dumps(entries)}
+    if text is not None:
+        data["text"] = text
+    files = {"image": ("blob", image, "application/octet-stream")} if image is not None else None
+    return client.post(path, data=data, files=files)
+
+
+def encode(array: np.ndarray, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@contextmanager
+def env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

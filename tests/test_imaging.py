@@ -1,0 +1,88 @@
+"""Decoding every accepted format to RGB, without EXIF transposition."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from immich_aio.errors import BadRequest, PayloadTooLarge
+from immich_aio.imaging import decode_image
+
+RNG = np.random.default_rng(1)
+RGB = RNG.integers(0, 255, (37, 53, 3), dtype=np.uint8)
+
+
+def save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP"])
+def test_lossless_formats_roundtrip(fmt):
+    kw = {"lossless": True} if fmt == "WEBP" else {}
+    out = decode_image(save(Image.fromarray(RGB), fmt, **kw), 10**8)
+    assert out.dtype == np.uint8 and out.shape == (37, 53, 3)
+    np.testing.assert_array_equal(out, RGB)
+
+
+def test_jpeg():
+    out = decode_image(save(Image.fromarray(RGB), "JPEG", quality=95), 10**8)
+    assert out.shape == (37, 53, 3)
+
+
+def test_gif_first_frame():
+    frames = [Image.new("RGB", (20, 10), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    data = save(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    out = decode_image(data, 10**8)
+    assert out.shape == (10, 20, 3)
+    assert out[5, 5, 0] > 200 and out[5, 5, 2] < 50  # red, the first frame
+
+
+def test_rgba_alpha_is_dropped_not_composited():
+    rgba = np.dstack([RGB, np.zeros((37, 53), np.uint8)])
+    out = decode_image(save(Image.fromarray(rgba, "RGBA"), "PNG"), 10**8)
+    np.testing.assert_array_equal(out, RGB)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "LA", "CMYK", "I;16"])
+def test_other_modes_become_rgb(mode):
+    img = Image.fromarray(RGB).convert("L" if mode == "I;16" else mode)
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(img).astype(np.uint16) * 257)
+        assert img.mode == "I;16"
+    fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
+    out = decode_image(save(img, fmt), 10**8)
+    assert out.shape == (37, 53, 3) and out.dtype == np.uint8
+    assert out.max() > 100
+
+
+def test_exif_orientation_not_applied():
+    img = Image.fromarray(RGB)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    out = decode_image(save(img, "JPEG", exif=exif.tobytes()), 10**8)
+    assert out.shape == (37, 53, 3)  # not (53, 37, 3)
+
+
+def test_formats_outside_the_list_are_refused():
+    data = save(Image.fromarray(RGB), "ICO")
+    with pytest.raises(BadRequest, match="accepted formats"):
+        decode_image(data, 10**8)
+    with pytest.raises(BadRequest):
+        decode_image(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", 10**8)
+
+
+def test_pixel_limit_counts_width_times_height():
+    data = save(Image.fromarray(RGB), "PNG")
+    with pytest.raises(PayloadTooLarge):
+        decode_image(data, 37 * 53 - 1)
+    assert decode_image(data, 37 * 53).shape == (37, 53, 3)
+
+
+def test_empty_is_bad_request():
+    with pytest.raises(BadRequest):
+        decode_image(b"", 10**8)

@@ -1,0 +1,148 @@
+"""Lazy single-flight loading, TTL unload that frees the session, preload, retry after failure."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import pytest
+from conftest import OCR_ENTRIES, encode, predict
+
+from immich_aio.errors import ModelLoadError
+from immich_aio.models.base import Model, ModelSpec
+from immich_aio.registry import ModelRegistry
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeModel(Model):
+    task, type = "ocr", "detection"
+    builds = 0
+    fail_next = 0
+
+    def load(self) -> None:
+        time.sleep(0.05)  # long enough for concurrent callers to pile up
+        if FakeModel.fail_next:
+            FakeModel.fail_next -= 1
+            raise RuntimeError("corrupt file")
+        self.session = object()
+
+    def predict(self, payload, options):
+        return None
+
+
+def spec(name="m") -> ModelSpec:
+    def build():
+        FakeModel.builds += 1
+        return FakeModel(name, {}, None)  # type: ignore[arg-type]
+
+    return ModelSpec("ocr", "detection", name, build, requested=name)
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    FakeModel.builds = 0
+    FakeModel.fail_next = 0
+
+
+def test_concurrent_first_use_loads_once():
+    reg = ModelRegistry({}, ttl_s=300)
+    s = spec()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(reg.load(s))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert FakeModel.builds == 1
+    assert all(r is results[0] for r in results)
+
+
+def test_ttl_unload_drops_the_session():
+    clock = Clock()
+    reg = ModelRegistry({}, ttl_s=10, clock=clock)
+    model = reg.load(spec())
+    session_ref = weakref.ref(model.session) if hasattr(model.session, "__weakref__") else None
+    model_ref = weakref.ref(model)
+    del model
+    clock.now += 5
+    assert reg.reap() == []
+    clock.now += 6
+    assert reg.reap() == [("ocr", "detection", "m")]
+    gc.collect()
+    assert model_ref() is None
+    assert session_ref is None or session_ref() is None
+    assert reg.loaded() == []
+    reg.load(spec())
+    assert FakeModel.builds == 2  # loads again on next use
+
+
+def test_model_in_use_is_not_unloaded():
+    clock = Clock()
+    reg = ModelRegistry({}, ttl_s=10, clock=clock)
+    with reg.use(spec()):
+        clock.now += 100
+        assert reg.reap() == []
+    clock.now += 11
+    assert len(reg.reap()) == 1
+
+
+def test_pinned_models_never_expire_and_ttl_zero_disables():
+    clock = Clock()
+    reg = ModelRegistry({}, ttl_s=10, clock=clock)
+    reg.load(spec("p"), pin=True)
+    clock.now += 10_000
+    assert reg.reap() == []
+    reg0 = ModelRegistry({}, ttl_s=0, clock=clock)
+    reg0.load(spec())
+    clock.now += 10_000
+    assert reg0.reap() == []
+
+
+def test_failed_load_is_not_cached():
+    reg = ModelRegistry({}, ttl_s=300)
+    FakeModel.fail_next = 1
+    with pytest.raises(ModelLoadError, match="corrupt file"):
+        reg.load(spec())
+    assert reg.load(spec()) is not None
+    assert FakeModel.builds == 2
+
+
+def test_real_ttl_unload_frees_ort_session(make_client):
+    """Through the server: after the TTL the OCR sessions are gone (weakly referenced) and /info is empty."""
+    client = make_client(MACHINE_LEARNING_MODEL_TTL="0.3", MACHINE_LEARNING_MODEL_TTL_POLL_S="0.1")
+    img = encode(__import__("numpy").full((64, 64, 3), 255, "uint8"))
+    assert predict(client, OCR_ENTRIES, image=img).status_code == 200
+    runtime = client.app.state.runtime
+    refs = [weakref.ref(m.session) for _, m, _, _ in runtime.registry.loaded()]
+    assert len(refs) == 2 and all(r() is not None for r in refs)
+    deadline = time.monotonic() + 10
+    while runtime.registry.loaded() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    gc.collect()
+    assert runtime.registry.loaded() == []
+    assert all(r() is None for r in refs), "ONNX Runtime sessions still referenced after unload"
+    assert client.get("/info").json()["models"] == []
+    assert predict(client, OCR_ENTRIES, image=img).status_code == 200  # and loads again
+
+
+def test_preload_pins_models(make_client, store: Path):
+    client = make_client(
+        MACHINE_LEARNING_PRELOAD__OCR__DETECTION="PP-OCRv5_mobile",
+        MACHINE_LEARNING_PRELOAD__OCR__RECOGNITION="PP-OCRv5_mobile,does-not-exist",
+        MACHINE_LEARNING_MODEL_TTL="0.1",
+        MACHINE_LEARNING_MODEL_TTL_POLL_S="0.05",
+    )
+    time.sleep(0.4)
+    models = client.get("/info").json()["models"]
+    assert {(m["type"], m["preloaded"]) for m in models} == {("detection", True), ("recognition", True)}
+    assert client.get("/ping").text == "pong"  # a failed preload is logged, the server still serves
