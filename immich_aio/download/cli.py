@@ -1,0 +1,102 @@
+"""`immich-aio models ...` / `python scripts/download_models.py ...`: put models into the store."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import immich_aio  # noqa: F401  (telemetry off before onnxruntime loads)
+from immich_aio.download.fetch import MIRROR_HELP, DownloadError
+from immich_aio.store import ModelStore
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="immich-aio models",
+        description="Fetch, export or import models into the store (MACHINE_LEARNING_CACHE_FOLDER). " + MIRROR_HELP,
+    )
+    ap.add_argument(
+        "--store", type=Path, default=None, help="model store (default: MACHINE_LEARNING_CACHE_FOLDER or ./models)"
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="installed models")
+
+    clip = sub.add_parser("clip", help="Chinese-CLIP: download + export a checkpoint, or import ONNX files")
+    clip.add_argument(
+        "--arch", default="ViT-B-16", help="ViT-B-16 (512-d), ViT-L-14, ViT-L-14-336 (768-d), ViT-H-14, RN50 (1024-d)"
+    )
+    clip.add_argument("--source", choices=["hf", "modelscope"], default="hf", help="hub (hf honours HF_ENDPOINT)")
+    clip.add_argument("--fp16", action="store_true", help="fp16 weights (for GPU hosts); I/O stays float32")
+    clip.add_argument("--name", help="store folder name (default CN-CLIP-<arch>)")
+    clip.add_argument("--onnx-image", type=Path, help="official-format image tower (*.img.fp32.onnx) to import")
+    clip.add_argument("--onnx-text", type=Path, help="official-format text tower (*.txt.fp32.onnx) to import")
+    clip.add_argument("--vocab", type=Path, help="vocab.txt for imports (default: fetched from the hub)")
+
+    faces = sub.add_parser("faces", help="InsightFace pack (non-commercial research licence)")
+    faces.add_argument("--pack", default="buffalo_l", help="buffalo_l, buffalo_m, buffalo_s or antelopev2")
+    faces.add_argument(
+        "--source",
+        choices=["hf", "insightface"],
+        default="hf",
+        help="hf: immich-app/<pack> (honours HF_ENDPOINT); insightface: its GitHub release zip",
+    )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    root = args.store or Path(os.environ.get("MACHINE_LEARNING_CACHE_FOLDER") or "models")
+    store = ModelStore(root)
+    try:
+        if args.command == "list":
+            return _list(store)
+        if args.command == "clip":
+            return _clip(store, args)
+        if args.command == "faces":
+            from immich_aio.download.faces import fetch_pack
+
+            fetch_pack(store, args.pack, args.source)
+            return 0
+    except (DownloadError, RuntimeError, ValueError, OSError) as e:
+        print(f"immich-aio models: {e}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def _clip(store: ModelStore, args: argparse.Namespace) -> int:
+    from immich_aio.download import clip
+
+    if args.arch not in clip.RELEASES:
+        print(f"immich-aio models: unknown --arch {args.arch!r}; one of {', '.join(clip.RELEASES)}", file=sys.stderr)
+        return 2
+    if bool(args.onnx_image) != bool(args.onnx_text):
+        print("immich-aio models: --onnx-image and --onnx-text go together", file=sys.stderr)
+        return 2
+    if args.onnx_image:
+        clip.import_onnx(
+            store,
+            args.onnx_image,
+            args.onnx_text,
+            args.name or clip.served_name(args.arch),
+            vocab=args.vocab,
+            source=args.source,
+        )
+    else:
+        clip.fetch_and_export(store, args.arch, args.source, args.fp16, args.name)
+    print("Next: set Immich's Smart Search model to a name of the same dimension (ViT-B-32__openai for 512-d),")
+    print("restart the Immich server (it caches query vectors) and run Smart Search for all assets.")
+    return 0
+
+
+def _list(store: ModelStore) -> int:
+    from immich_aio.models.clip import ClipConfig, is_cn_clip
+
+    for task in ("clip", "facial-recognition", "ocr"):
+        for name in store.names(task):
+            folder = store.path(task, name)
+            extra = f" ({ClipConfig.read(folder).embed_dim}-d CN-CLIP)" if task == "clip" and is_cn_clip(folder) else ""
+            print(f"{task}/{name}{extra}")
+    return 0

@@ -1,0 +1,465 @@
+"""CN-CLIP: parity with cn_clip's torch model and tokenizer, export, import, download, Immich names."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cnclip_ref import TINY_CONFIG, import_cn_clip, tiny_model, vocab_path
+from conftest import FIXTURES, encode, predict, settings_for, temp_settings
+from fakehub import FakeHub
+from PIL import Image
+from starlette.testclient import TestClient
+
+from immich_aio.app import create_app
+from immich_aio.download import clip as clip_download
+from immich_aio.download import clip_export
+from immich_aio.download.cli import main as models_main
+from immich_aio.download.install import staged, verify_manifest
+from immich_aio.models.clip import make_tokenizer
+from immich_aio.store import ModelStore, sha256_file
+
+torch = pytest.importorskip("torch", reason="torch is a test dependency (pip install -e '.[test]')")
+
+SIZE = TINY_CONFIG["image_resolution"]
+MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+NAME = "CN-CLIP-ViT-B-16"
+
+
+def photos() -> dict[str, np.ndarray]:
+    out = {p.stem: np.asarray(Image.open(p).convert("RGB")) for p in sorted((FIXTURES / "ocr").glob("*.jpg"))}
+    rng = np.random.default_rng(5)
+    out["noise_portrait"] = rng.integers(0, 255, (900, 600, 3), dtype=np.uint8)
+    out["flat_wide"] = np.full((300, 1200, 3), (30, 120, 200), np.uint8)
+    return out
+
+
+TEXTS = ["海边的日落", "发票", "一只猫在沙发上睡觉", "sunset at the beach", "Immich 照片 2024年", "", "😀🌅"]
+
+
+def torch_image(model, rgb: np.ndarray) -> np.ndarray:
+    """The reference: PIL bicubic squash (what torchvision's Resize does on PIL images), then torch."""
+    resized = Image.fromarray(rgb).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float() / 255.0
+    with torch.no_grad():
+        f = model.encode_image(((x - MEAN) / STD)[None])
+    return torch.nn.functional.normalize(f, dim=-1)[0].numpy()
+
+
+def torch_text(model, text: str) -> np.ndarray:
+    clip = import_cn_clip()
+    with torch.no_grad():
+        f = model.encode_text(clip.tokenize([text], context_length=52))
+    return torch.nn.functional.normalize(f, dim=-1)[0].numpy()
+
+
+def install_tiny(store: ModelStore, model, name: str = NAME) -> Path:
+    with staged(store, "clip", name) as stage:
+        clip_export.export(model, stage, SIZE)
+        shutil.copyfile(vocab_path(), stage / "textual" / "vocab.txt")
+    return store.model_dir("clip", name)
+
+
+def vec(body: dict) -> np.ndarray:
+    assert isinstance(body["clip"], str)
+    return np.array(json.loads(body["clip"]), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=1)
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    with temp_settings() as settings:
+        install_tiny(ModelStore(settings.cache_folder), model)
+        with TestClient(create_app(settings)) as client:
+            yield client
+
+
+def clip_entries(type_: str, name: str = "ViT-B-32__openai", options: dict | None = None) -> dict:
+    return {"clip": {type_: {"modelName": name, **({"options": options} if options is not None else {})}}}
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+
+def varied_strings() -> list[str]:
+    rng = random.Random(7)
+    zh = ["海边的日落", "发票", "猫咪", "北京天安门", "生日蛋糕", "雪山", "地铁站", "火锅", "樱花", "婚礼"]
+    en = ["sunset", "Invoice", "CAT", "birthday cake", "snowy mountains", "Hot-Pot", "cherry blossom"]
+    extras = [
+        "，",
+        "。",
+        "！",
+        "？",
+        "（",
+        "）",
+        "、",
+        "《",
+        "》",
+        ",",
+        ".",
+        "!",
+        "?",
+        "...",
+        "--",
+        "#",
+        "@",
+        "😀",
+        "🌅",
+        "👨‍👩‍👧",
+        "café",
+        "naïve",
+        "ÉCOLE",
+        "Zürich",
+        "São Paulo",
+        "한국어",
+        "日本語です",
+        "ｆｕｌｌ",
+        "１２３",
+        "2024年5月1日",
+        "\u200b",
+        "\t",
+        "  ",
+        "\n",
+        "ß",
+        "İstanbul",
+        "Ω≈ç√",
+        "x86_64",
+        "e-mail",
+    ]
+    out = [
+        "",
+        " ",
+        "a",
+        "中",
+        "[CLS]",
+        "[UNK] [PAD]",
+        "[SEP]猫[MASK]",
+        "0" * 80,
+        "b" * 150,
+        "c" * 250,
+        "长" * 60,
+        "word " * 40,
+    ]
+    while len(out) < 240:
+        parts = [rng.choice(rng.choice([zh, en, extras])) for _ in range(rng.randint(1, 8))]
+        out.append(rng.choice(["", " "]).join(parts))
+    return out
+
+
+def test_tokenizer_ids_identical_to_cn_clip():
+    clip = import_cn_clip()
+    tok = make_tokenizer(vocab_path(), 52)
+    strings = varied_strings()
+    assert len(strings) >= 200
+    expected = clip.tokenize(strings, context_length=52).numpy()
+    got = np.array([tok.encode(s).ids for s in strings], dtype=np.int64)
+    mismatched = [strings[i] for i in np.nonzero((expected != got).any(axis=1))[0]]
+    assert not mismatched, mismatched[:5]
+    assert (got[:, 0] == 101).all() and got.shape == (len(strings), 52)
+
+
+# --- embeddings vs the torch reference --------------------------------------------------------
+
+
+def test_visual_embeddings_match_torch(served, model):
+    for name, rgb in photos().items():
+        r = predict(served, clip_entries("visual"), image=encode(rgb, "PNG"))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        got = vec(body)
+        assert got.shape == (512,) and abs(np.linalg.norm(got) - 1) < 1e-5
+        assert (body["imageHeight"], body["imageWidth"]) == rgb.shape[:2]
+        cos = float(got @ torch_image(model, rgb))
+        assert cos >= 0.9999, (name, cos)
+
+
+def test_text_embeddings_match_torch(served, model):
+    for text in TEXTS:
+        r = predict(served, clip_entries("textual", options={"language": "zh-CN"}), text=text or " ")
+        assert r.status_code == 200, r.text
+        assert set(r.json()) == {"clip"}
+        cos = float(vec(r.json()) @ torch_text(model, text or " "))
+        assert cos >= 0.9999, (text, cos)
+
+
+def test_distinct_inputs_give_distinct_embeddings(served):
+    a = vec(predict(served, clip_entries("textual"), text="海边的日落").json())
+    b = vec(predict(served, clip_entries("textual"), text="发票").json())
+    assert float(a @ b) < 0.9  # the parity checks below mean something only if inputs matter
+    rgbs = list(photos().values())
+    x = vec(predict(served, clip_entries("visual"), image=encode(rgbs[0], "PNG")).json())
+    y = vec(predict(served, clip_entries("visual"), image=encode(rgbs[1], "PNG")).json())
+    assert float(x @ y) < 0.9
+
+
+def test_batched_run_equals_single_runs(served):
+    runtime = served.app.state.runtime
+    spec = runtime.registry.resolve("clip", "visual", "ViT-B-32__openai")
+    with runtime.registry.use(spec) as m:
+        imgs = list(photos().values())[:4]
+        batch = np.stack([m.prepare(i) for i in imgs])
+        together = m.embed(batch)
+        alone = np.concatenate([m.embed(b[None]) for b in batch])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_serving_never_imports_torch_or_cn_clip(tmp_path, model):
+    install_tiny(ModelStore(tmp_path), model)
+    code = f"""
+import json, sys
+from starlette.testclient import TestClient
+from immich_aio.app import create_app
+from immich_aio.config import Settings
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import encode, predict
+import numpy as np
+s = Settings.from_env({{"MACHINE_LEARNING_CACHE_FOLDER": {str(tmp_path)!r}}})
+with TestClient(create_app(s)) as c:
+    assert predict(c, {{"clip": {{"textual": {{"modelName": "ViT-B-32__openai"}}}}}}, text="猫").status_code == 200
+    img = encode(np.zeros((50, 50, 3), np.uint8))
+    assert predict(c, {{"clip": {{"visual": {{"modelName": "ViT-B-32__openai"}}}}}}, image=img).status_code == 200
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "cn_clip", "torchvision"))))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+# --- Immich names, aliases, dimension guard ---------------------------------------------------
+
+
+def fake_installed(store: Path, name: str, dim: int) -> None:
+    folder = store / "clip" / name
+    for t in ("visual", "textual"):
+        (folder / t).mkdir(parents=True)
+        (folder / t / "model.onnx").write_bytes(b"")
+    (folder / "textual" / "vocab.txt").write_text("[PAD]\n")
+    (folder / "config.json").write_text(json.dumps({"model_type": "cn-clip", "embed_dim": dim, "image_size": 224}))
+
+
+def resolver(store: Path, aliases: dict[str, str] | None = None):
+    from immich_aio.names.clip import ClipResolver
+
+    return ClipResolver(ModelStore(store), None, aliases or {})  # type: ignore[arg-type]
+
+
+def test_whitelisted_names_resolve_by_dimension(tmp_path):
+    for name, dim in [
+        ("CN-CLIP-ViT-B-16", 512),
+        ("CN-CLIP-ViT-L-14", 768),
+        ("CN-CLIP-ViT-L-14-336", 768),
+        ("CN-CLIP-RN50", 1024),
+        ("my-own-cnclip", 512),
+    ]:
+        fake_installed(tmp_path, name, dim)
+    r = resolver(tmp_path)
+    assert r.resolve("visual", "ViT-B-32__openai").name == "CN-CLIP-ViT-B-16"
+    assert r.resolve("textual", "immich-app/ViT-B-32__openai").name == "CN-CLIP-ViT-B-16"  # cleaned as Immich ML
+    assert r.resolve("visual", "XLM-Roberta-Large-Vit-B-32").name == "CN-CLIP-ViT-B-16"
+    assert r.resolve("visual", "ViT-L-14__openai").name == "CN-CLIP-ViT-L-14-336"  # 336 preferred
+    assert r.resolve("visual", "ViT-H-14__laion2b-s32b-b79k").name == "CN-CLIP-RN50"  # no ViT-H-14 installed
+    assert r.resolve("visual", "my-own-cnclip").name == "my-own-cnclip"  # any folder under its own name
+    assert r.resolve("visual", "CN-CLIP-ViT-L-14").name == "CN-CLIP-ViT-L-14"
+    fake_installed(tmp_path, "CN-CLIP-ViT-H-14", 1024)
+    assert r.resolve("visual", "RN50__openai").name == "CN-CLIP-ViT-H-14"
+    assert r.aliases()["ViT-B-32__openai"] == "CN-CLIP-ViT-B-16"
+
+
+def test_explicit_aliases_and_dimension_guard(tmp_path):
+    from immich_aio.errors import BadRequest
+
+    fake_installed(tmp_path, "CN-CLIP-ViT-B-16", 512)
+    fake_installed(tmp_path, "CN-CLIP-ViT-L-14", 768)
+    r = resolver(
+        tmp_path,
+        {
+            "ViT-B-16__openai": "CN-CLIP-ViT-B-16",
+            "ViT-L-14__openai": "CN-CLIP-ViT-B-16",
+            "custom-search": "CN-CLIP-ViT-L-14",
+        },
+    )
+    assert r.resolve("visual", "ViT-B-16__openai").name == "CN-CLIP-ViT-B-16"
+    assert r.resolve("textual", "custom-search").name == "CN-CLIP-ViT-L-14"
+    with pytest.raises(BadRequest, match=r"768-d in Immich.*512-d"):
+        r.resolve("visual", "ViT-L-14__openai")  # explicit alias to a model of the wrong size
+    with pytest.raises(BadRequest, match=r"1152-d in Immich.*no installed CN-CLIP model has 1152"):
+        r.resolve("visual", "ViT-SO400M-14-SigLIP-384__webli")
+    with pytest.raises(BadRequest, match=r"Unknown CLIP model 'nonsense'.*CN-CLIP-ViT-B-16 \(512-d\)"):
+        r.resolve("visual", "nonsense")
+
+
+def test_folder_with_an_immich_name_but_other_dimension_is_refused(tmp_path):
+    from immich_aio.errors import BadRequest
+
+    fake_installed(tmp_path, "ViT-B-32__openai", 768)
+    with pytest.raises(BadRequest, match="512-d in Immich"):
+        resolver(tmp_path).resolve("visual", "ViT-B-32__openai")
+
+
+def test_nothing_installed_names_the_fetch_command(client):
+    r = predict(client, clip_entries("textual"), text="猫")
+    assert r.status_code == 400
+    assert "immich-aio models clip --arch ViT-B-16" in r.json()["detail"]
+    r = predict(client, clip_entries("visual", "ViT-L-14__openai"), image=encode(np.zeros((40, 40, 3), np.uint8)))
+    assert "--arch ViT-L-14" in r.json()["detail"]
+
+
+def test_info_shows_which_model_and_file_answers(served):
+    predict(served, clip_entries("textual"), text="猫")
+    info = served.get("/info").json()
+    m = next(m for m in info["models"] if m["task"] == "clip" and m["type"] == "textual")
+    assert m["name"] == NAME and "ViT-B-32__openai" in m["answersTo"]
+    root = Path(info["modelStore"])
+    assert m["files"]["model"]["sha256"] == sha256_file(root / m["files"]["model"]["path"])
+    assert m["files"]["model"]["path"] == f"clip/{NAME}/textual/model.onnx"
+    assert info["aliases"]["clip"]["ViT-B-32__openai"] == NAME
+
+
+# --- importing official-format (batch 1) files ------------------------------------------------
+
+
+def official_export(model, folder: Path) -> tuple[Path, Path]:
+    """What cn_clip/deploy/pytorch_to_onnx.py writes: model(image, None) / model(None, text), static batch 1."""
+    folder.mkdir(parents=True, exist_ok=True)
+    img, txt = folder / "tiny.img.fp32.onnx", folder / "tiny.txt.fp32.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (torch.randn(1, 3, SIZE, SIZE), None),
+            str(img),
+            input_names=["image"],
+            output_names=["unnorm_image_features"],
+            opset_version=14,
+            do_constant_folding=False,
+            dynamo=False,
+        )
+        torch.onnx.export(
+            model,
+            (None, torch.ones(1, 52, dtype=torch.long)),
+            str(txt),
+            input_names=["text"],
+            output_names=["unnorm_text_features"],
+            opset_version=14,
+            dynamo=False,
+        )
+    return img, txt
+
+
+def test_import_batch1_official_files(tmp_path, model):
+    img, txt = official_export(model, tmp_path / "downloads")
+    store = tmp_path / "models"
+    rc = models_main(
+        ["--store", str(store), "clip", "--onnx-image", str(img), "--onnx-text", str(txt), "--vocab", str(vocab_path())]
+    )
+    assert rc == 0
+    folder = store / "clip" / NAME
+    assert verify_manifest(folder) == []
+    assert json.loads((folder / "config.json").read_text())["embed_dim"] == 512
+    with TestClient(create_app(settings_for(store))) as client:
+        for rgb in list(photos().values())[:3]:
+            got = vec(predict(client, clip_entries("visual"), image=encode(rgb, "PNG")).json())
+            assert float(got @ torch_image(model, rgb)) >= 0.9999
+        got = vec(predict(client, clip_entries("textual"), text="海边的日落").json())
+        assert float(got @ torch_text(model, "海边的日落")) >= 0.9999
+        runtime = client.app.state.runtime
+        spec = runtime.registry.resolve("clip", "visual", "ViT-B-32__openai")
+        with runtime.registry.use(spec) as m:
+            assert m.fixed_batch_1
+            batch = np.stack([m.prepare(i) for i in list(photos().values())[:3]])
+            assert m.embed(batch).shape == (3, 512)  # run item by item
+
+
+def test_import_refuses_wrong_files(tmp_path, model, capsys):
+    img, txt = official_export(model, tmp_path / "downloads")
+    store = tmp_path / "models"
+    rc = models_main(
+        ["--store", str(store), "clip", "--onnx-image", str(txt), "--onnx-text", str(img), "--vocab", str(vocab_path())]
+    )
+    assert rc == 1
+    assert "expected one input 'image'" in capsys.readouterr().err
+    assert not (store / "clip" / NAME).exists()
+
+
+# --- downloading through a hub (local stand-in) -----------------------------------------------
+
+
+@pytest.fixture
+def tiny_release(monkeypatch, model):
+    """Make --arch ViT-B-16 build the tiny architecture, so the real fetch + export path runs quickly."""
+    monkeypatch.setitem(
+        clip_download.RELEASES,
+        "ViT-B-16",
+        clip_download.Release("chinese-clip-vit-base-patch16", "clip_cn_vit-b-16.pt", SIZE, 512),
+    )
+    monkeypatch.setattr(clip_export, "arch_config", lambda arch: dict(TINY_CONFIG))
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, buf)
+    return buf.getvalue()
+
+
+def test_download_via_hf_endpoint_with_interruption_and_resume(tmp_path, monkeypatch, tiny_release, model, capsys):
+    store = tmp_path / "models"
+    with FakeHub() as hub:
+        base = "/OFA-Sys/chinese-clip-vit-base-patch16/resolve/main"
+        hub.files[f"{base}/clip_cn_vit-b-16.pt"] = tiny_release
+        hub.files[f"{base}/vocab.txt"] = vocab_path().read_bytes()
+        hub.cut_after[f"{base}/clip_cn_vit-b-16.pt"] = len(tiny_release) // 3
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+
+        assert models_main(["--store", str(store), "clip", "--arch", "ViT-B-16"]) == 1
+        err = capsys.readouterr().err
+        assert "run the command again to resume" in err
+        assert not (store / "clip" / NAME).exists()  # nothing half-written is installed
+        assert (store / ".downloads" / "clip_cn_vit-b-16.pt.part").stat().st_size == len(tiny_release) // 3
+
+        assert models_main(["--store", str(store), "clip", "--arch", "ViT-B-16"]) == 0
+        ranges = [r for p, r in hub.requests if p.endswith(".pt")]
+        assert ranges == [None, f"bytes={len(tiny_release) // 3}-"]
+    out = capsys.readouterr()
+    assert "clip_cn_vit-b-16.pt (resumed)" in out.err and "%" in out.err  # progress shown
+    folder = store / "clip" / NAME
+    assert verify_manifest(folder) == []
+    assert not list((store / "clip").glob(".staging-*"))
+    with TestClient(create_app(settings_for(store))) as client:
+        rgb = photos()["sign"]
+        got = vec(predict(client, clip_entries("visual"), image=encode(rgb, "PNG")).json())
+        assert float(got @ torch_image(model, rgb)) >= 0.9999
+
+
+def test_download_from_modelscope(tmp_path, monkeypatch, tiny_release):
+    store = tmp_path / "models"
+    with FakeHub() as hub:
+        base = "/models/AI-ModelScope/chinese-clip-vit-base-patch16/resolve/master"
+        hub.files[f"{base}/clip_cn_vit-b-16.pt"] = tiny_release
+        hub.files[f"{base}/vocab.txt"] = vocab_path().read_bytes()
+        monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub.url)
+        assert (
+            models_main(["--store", str(store), "clip", "--arch", "ViT-B-16", "--source", "modelscope", "--fp16"]) == 0
+        )
+    config = json.loads((store / "clip" / NAME / "config.json").read_text())
+    assert config["precision"] == "fp16"
+
+
+def test_unreachable_hub_names_the_mirror_options(tmp_path, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}")
+    assert models_main(["--store", str(tmp_path), "clip", "--arch", "ViT-B-16"]) == 1
+    err = capsys.readouterr().err
+    assert "Could not reach" in err and "HF_ENDPOINT=https://hf-mirror.com" in err and "--source modelscope" in err
