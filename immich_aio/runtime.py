@@ -17,8 +17,9 @@ from immich_aio.config import Settings
 from immich_aio.errors import PredictError
 from immich_aio.models.base import Resolver
 from immich_aio.names.clip import ClipResolver
+from immich_aio.names.faces import FaceResolver
 from immich_aio.names.ocr import OcrResolver
-from immich_aio.protocol import CLIP, OCR
+from immich_aio.protocol import CLIP, FACES, OCR
 from immich_aio.registry import ModelRegistry
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import ModelStore
@@ -30,6 +31,7 @@ T = TypeVar("T")
 def build_resolvers(settings: Settings, store: ModelStore, factory: SessionFactory) -> dict[str, Resolver]:
     return {
         CLIP: ClipResolver(store, factory, settings.clip_aliases),
+        FACES: FaceResolver(store, factory, settings.face_max_batch),
         OCR: OcrResolver(store, factory, settings.ocr_default_model, settings.ocr_max_batch),
     }
 

@@ -1,0 +1,209 @@
+"""InsightFace face detection (SCRFD) and recognition (ArcFace) in numpy + OpenCV.
+
+Reproduces the numerics Immich ML got from insightface's RetinaFace / ArcFaceONNX / norm_crop:
+a 640×640 top-left letterbox, SCRFD anchor decoding, NMS at IoU 0.4 with insightface's "+1" pixel
+areas, a 5-point similarity transform to the ArcFace template, and un-normalised 512-d
+embeddings. insightface itself is never imported at serve time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import cv2
+import numpy as np
+
+from immich_aio.models.base import Model, Payload
+from immich_aio.protocol import DETECTION, FACES, RECOGNITION, option_float, vector_string
+
+log = logging.getLogger(__name__)
+
+DET_SIZE = 640
+NMS_IOU = 0.4
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
+
+
+def letterbox(image: np.ndarray, size: int = DET_SIZE) -> tuple[np.ndarray, float]:
+    """Resize to fit size×size keeping aspect, pasted top-left on black; returns (canvas, scale)."""
+    h, w = image.shape[:2]
+    if h / w > 1:
+        new_h, new_w = size, int(size / (h / w))
+    else:
+        new_w, new_h = size, int(size * (h / w))
+    new_w, new_h = max(new_w, 1), max(new_h, 1)
+    canvas = np.zeros((size, size, 3), dtype=np.uint8)
+    canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
+    return canvas, new_h / h
+
+
+def anchor_centres(size: int, stride: int, anchors: int) -> np.ndarray:
+    """Cell corners (col·s, row·s), row-major, each repeated per anchor."""
+    n = size // stride
+    rows, cols = np.mgrid[:n, :n]
+    centres = (np.stack([cols, rows], axis=-1).reshape(-1, 2) * stride).astype(np.float32)
+    return np.repeat(centres, anchors, axis=0)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = NMS_IOU) -> list[int]:
+    """Greedy NMS in descending score order (stable), areas with insightface's +1 pixel convention."""
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(int(i))
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
+        inter = w * h
+        order = rest[inter / (areas[i] + areas[rest] - inter) <= iou]
+    return keep
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation) src -> dst (Umeyama), as 2×3."""
+    src, dst = src.astype(np.float64), dst.astype(np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    sc, dc = src - mu_s, dst - mu_d
+    cov = dc.T @ sc / len(src)
+    u, s, vt = np.linalg.svd(cov)
+    d = np.ones(2)
+    if np.linalg.det(cov) < 0:
+        d[-1] = -1
+    rank = np.linalg.matrix_rank(cov)
+    if rank == 0:  # all landmarks on one point: nothing to align
+        raise ValueError("degenerate face landmarks")
+    if rank == 1:  # collinear landmarks: pick the proper rotation of the two candidates
+        rot = u @ vt if np.linalg.det(u) * np.linalg.det(vt) > 0 else u @ np.diag([1.0, -1.0]) @ vt
+    else:
+        rot = u @ np.diag(d) @ vt
+    scale = (s * d).sum() / ((sc**2).sum() / len(src))
+    t = mu_d - scale * rot @ mu_s
+    return np.hstack([scale * rot, t[:, None]])
+
+
+def align(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
+    matrix = similarity_transform(landmarks, ARCFACE_TEMPLATE * (size / 112))
+    return cv2.warpAffine(image, matrix, (size, size), borderValue=0.0)
+
+
+class FaceDetector(Model):
+    task, type = FACES, DETECTION
+
+    def load(self) -> None:
+        self.session = self.factory.create(self.files["model"])
+        outputs = self.session.get_outputs()
+        count = len(outputs)
+        if count not in (6, 9, 10, 15):
+            raise ValueError(f"not an SCRFD detector: {count} outputs (expected 6, 9, 10 or 15)")
+        self.levels = 3 if count in (6, 9) else 5
+        self.strides = [8, 16, 32, 64, 128][: self.levels]
+        self.anchors = 2 if self.levels == 3 else 1
+        self.has_landmarks = count in (9, 15)
+        self.input_name = self.session.get_inputs()[0].name
+        self.centres = {s: anchor_centres(DET_SIZE, s, self.anchors) for s in self.strides}
+
+    def detect(self, image: np.ndarray, min_score: float) -> dict[str, np.ndarray]:
+        canvas, scale = letterbox(image)
+        blob = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
+        outs = self.session.run(None, {self.input_name: blob})
+        outs = [o[0] if o.ndim == 3 else o for o in outs]  # tolerate a leading batch axis
+        boxes, scores, points = [], [], []
+        for level, stride in enumerate(self.strides):
+            score = outs[level].reshape(-1)
+            keep = np.nonzero(score >= min_score)[0]
+            centres = self.centres[stride][keep]
+            dist = outs[level + self.levels][keep] * stride
+            boxes.append(np.hstack([centres - dist[:, :2], centres + dist[:, 2:4]]))
+            scores.append(score[keep])
+            if self.has_landmarks:
+                offsets = outs[level + 2 * self.levels][keep].reshape(-1, 5, 2) * stride
+                points.append(centres[:, None, :] + offsets)
+        box = np.concatenate(boxes).astype(np.float32) / scale
+        score = np.concatenate(scores).astype(np.float32)
+        marks = np.concatenate(points).astype(np.float32) / scale if self.has_landmarks else None
+        keep = nms(box, score)
+        return {
+            "boxes": box[keep].round(),
+            "scores": score[keep],
+            "landmarks": marks[keep] if marks is not None else np.zeros((len(keep), 0, 2), np.float32),
+        }
+
+    def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, np.ndarray]:
+        assert payload.image is not None
+        return self.detect(payload.image, option_float(options, "minScore", 0.7, 0.0, 1.0))
+
+    def response(self, output: dict[str, np.ndarray], options: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.tolist() for k, v in output.items()}
+
+
+class FaceRecognizer(Model):
+    task, type = FACES, RECOGNITION
+
+    def __init__(self, *args: Any, max_batch: int = 32, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_batch = max_batch
+
+    def load(self) -> None:
+        import onnx
+
+        path = self.files["model"]
+        model = onnx.load(str(path))
+        first = [n.name for n in model.graph.node[:8]]
+        # insightface's rule: MXNet exports normalise inside the graph (a Sub and a Mul up front).
+        builtin = any(n.startswith(("Sub", "_minus")) for n in first) and any(
+            n.startswith(("Mul", "_mul")) for n in first
+        )
+        self.mean, self.std = (0.0, 1.0) if builtin else (127.5, 127.5)
+        self.session = self.factory.create(path)
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.size = int(inp.shape[2]) if isinstance(inp.shape[2], int) else 112
+        self.batched = not isinstance(inp.shape[0], int) or inp.shape[0] != 1
+        if not self.batched:
+            self._add_batch_axis(model)
+
+    def _add_batch_axis(self, model) -> None:
+        """Give a batch-1 model a symbolic batch axis in memory (the user's file is never touched)."""
+        for value in [*model.graph.input, *model.graph.output]:
+            dims = value.type.tensor_type.shape.dim
+            if dims:
+                dims[0].ClearField("dim_value")
+                dims[0].dim_param = "batch"
+        try:
+            session = self.factory.create(model.SerializeToString())
+            probe = np.zeros((2, 3, self.size, self.size), np.float32)
+            if session.run(None, {self.input_name: probe})[0].shape[0] == 2:
+                self.session, self.batched = session, True
+                return
+        except Exception as e:  # a graph with the batch baked into a Reshape: run faces one by one
+            log.info("%s keeps batch 1 (%s)", self.name, e)
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        """crops: N×112×112×3 uint8 RGB -> N×512 raw embeddings."""
+        blob = ((crops.astype(np.float32) - self.mean) / self.std).transpose(0, 3, 1, 2)
+        step = self.max_batch if self.batched else 1
+        outs = [self.session.run(None, {self.input_name: blob[i : i + step]})[0] for i in range(0, len(blob), step)]
+        return np.concatenate(outs).reshape(len(blob), -1)
+
+    def predict(self, payload: Payload, options: dict[str, Any]) -> list[dict[str, Any]]:
+        assert payload.image is not None
+        det = payload.outputs[(FACES, DETECTION)]
+        if len(det["boxes"]) == 0:
+            return []
+        if det["landmarks"].shape[1] != 5:
+            raise ValueError("the detector gives no landmarks, so faces cannot be aligned for recognition")
+        crops = np.stack([align(payload.image, marks, self.size) for marks in det["landmarks"]])
+        embeddings = self.embed(crops)
+        return [
+            {
+                "boundingBox": dict(zip(("x1", "y1", "x2", "y2"), map(float, box), strict=True)),
+                "embedding": vector_string(emb),
+                "score": float(score),
+            }
+            for box, emb, score in zip(det["boxes"], embeddings, det["scores"], strict=True)
+        ]

@@ -1,0 +1,53 @@
+"""Face names: InsightFace packs in Immich ML's layout, `facial-recognition/<name>/{detection,recognition}/model.onnx`.
+
+Pointing MACHINE_LEARNING_CACHE_FOLDER at an existing Immich ML cache serves its packs as they are.
+"""
+
+from __future__ import annotations
+
+from immich_aio.errors import BadRequest, ModelMissing
+from immich_aio.models.base import ModelSpec, Resolver
+from immich_aio.models.faces import FaceDetector, FaceRecognizer
+from immich_aio.protocol import DETECTION, FACES
+from immich_aio.sessions import SessionFactory
+from immich_aio.store import ModelStore, clean_name
+
+PACKS = ("buffalo_l", "buffalo_m", "buffalo_s", "antelopev2")
+
+
+def fetch_hint(pack: str) -> str:
+    pack = pack if pack in PACKS else "buffalo_l"
+    return (
+        f"fetch it with `immich-aio models faces --pack {pack}` (InsightFace models are for non-commercial "
+        f"research use only), or point MACHINE_LEARNING_CACHE_FOLDER at an existing Immich ML cache"
+    )
+
+
+class FaceResolver(Resolver):
+    task = FACES
+
+    def __init__(self, store: ModelStore, factory: SessionFactory, max_batch: int) -> None:
+        self.store = store
+        self.factory = factory
+        self.max_batch = max_batch
+
+    def resolve(self, type_: str, requested: str) -> ModelSpec:
+        name = clean_name(requested)
+        path = self.store.path(FACES, name, type_, "model.onnx")
+        if not path.is_file():
+            installed = [n for n in self.store.names(FACES) if self.store.path(FACES, n, type_, "model.onnx").is_file()]
+            listing = ", ".join(installed) or "none"
+            if name in PACKS:
+                raise ModelMissing(
+                    f"Face model {requested!r} is not installed (installed: {listing}); {fetch_hint(name)}"
+                )
+            raise BadRequest(f"Unknown face model {requested!r}; installed: {listing}; known packs: {', '.join(PACKS)}")
+        if type_ == DETECTION:
+            return ModelSpec(FACES, type_, name, lambda: FaceDetector(name, {"model": path}, self.factory), requested)
+        return ModelSpec(
+            FACES,
+            type_,
+            name,
+            lambda: FaceRecognizer(name, {"model": path}, self.factory, max_batch=self.max_batch),
+            requested,
+        )
