@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from starlette.applications import Starlette
@@ -50,7 +49,7 @@ async def predict(request: Request) -> Response:
         payload = Payload(text=form.text if form.image is None else None)
         if form.image is not None:
             payload.image = await rt.run(decode_image, form.image, rt.settings.max_pixels)
-        body = await rt.run(pipeline.run, rt.registry, entries, payload)
+        body = await rt.run(pipeline.run, rt.registry, entries, payload, interactive=payload.image is None)
     except PredictError as e:
         if e.status >= 500:
             log.error("/predict failed: %s", e.detail)
@@ -71,7 +70,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        runtime = Runtime(settings, ThreadPoolExecutor(settings.request_threads, thread_name_prefix="infer"))
+        runtime = Runtime(settings)
         app.state.runtime = runtime
         await runtime.start()
         try:

@@ -101,7 +101,7 @@ class Settings:
     cache_folder: Path = Path("models")
     model_ttl: float = 300.0
     model_ttl_poll_s: float = 10.0
-    request_threads: int = 2
+    request_threads: int = 16
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     model_arena: bool = False
@@ -114,8 +114,9 @@ class Settings:
     ocr_max_batch: int = 16
     face_max_batch: int = 32
     clip_aliases: dict[str, str] = field(default_factory=dict)
-    batch_max_size: int = 8
-    batch_max_wait_ms: float = 2.0
+    batch_max_size: int = 0  # 0: 4 on CPU, 16 with CUDA
+    batch_max_wait_ms: float = 0.0
+    concurrent_runs: int = 0  # 0: cores // intra-op threads on CPU, 2 with CUDA
     keepalive_s: float = 2.0
 
     @classmethod
@@ -137,7 +138,8 @@ class Settings:
             cache_folder=Path(get("MACHINE_LEARNING_CACHE_FOLDER", "models") or "models").expanduser(),
             model_ttl=_as_float(get, "MACHINE_LEARNING_MODEL_TTL", 300.0),
             model_ttl_poll_s=_as_float(get, "MACHINE_LEARNING_MODEL_TTL_POLL_S", 10.0),
-            request_threads=max(1, _as_int(get, "MACHINE_LEARNING_REQUEST_THREADS", cpu_count)),
+            # Request threads mostly wait on batched runs, so there are more of them than cores.
+            request_threads=max(2, _as_int(get, "MACHINE_LEARNING_REQUEST_THREADS", max(16, 4 * cpu_count))),
             intra_op_threads=_as_int(get, "MACHINE_LEARNING_MODEL_INTRA_OP_THREADS", 0),
             inter_op_threads=_as_int(get, "MACHINE_LEARNING_MODEL_INTER_OP_THREADS", 0),
             model_arena=_as_bool(get, "MACHINE_LEARNING_MODEL_ARENA", False),
@@ -150,8 +152,9 @@ class Settings:
             ocr_max_batch=max(1, _as_int(get, "MACHINE_LEARNING_MAX_BATCH_SIZE__OCR", 16)),
             face_max_batch=max(1, _as_int(get, "MACHINE_LEARNING_MAX_BATCH_SIZE__FACIAL_RECOGNITION", 32)),
             clip_aliases=_parse_aliases(get("IMMICH_AIO_CLIP_ALIASES")),
-            batch_max_size=max(1, _as_int(get, "IMMICH_AIO_BATCH_MAX_SIZE", 8)),
-            batch_max_wait_ms=max(0.0, _as_float(get, "IMMICH_AIO_BATCH_MAX_WAIT_MS", 2.0)),
+            batch_max_size=max(0, _as_int(get, "IMMICH_AIO_BATCH_MAX_SIZE", 0)),
+            batch_max_wait_ms=max(0.0, _as_float(get, "IMMICH_AIO_BATCH_MAX_WAIT_MS", 0.0)),
+            concurrent_runs=max(0, _as_int(get, "IMMICH_AIO_CONCURRENT_RUNS", 0)),
             keepalive_s=_as_float(get, "MACHINE_LEARNING_HTTP_KEEPALIVE_TIMEOUT_S", 2.0),
         )
 

@@ -37,16 +37,20 @@ def build_resolvers(settings: Settings, store: ModelStore, factory: SessionFacto
 
 
 class Runtime:
-    def __init__(self, settings: Settings, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.executor = executor
+        # Image requests (decode, pre/post-processing, waiting on batched runs) and text searches get
+        # separate pools, so a person searching never queues behind the background backlog.
+        self.executor = ThreadPoolExecutor(settings.request_threads, thread_name_prefix="request")
+        self.interactive = ThreadPoolExecutor(4, thread_name_prefix="search")
         self.store = ModelStore(settings.cache_folder)
         self.factory = SessionFactory(settings)
         self.registry = ModelRegistry(build_resolvers(settings, self.store, self.factory), settings.model_ttl)
         self._reaper: asyncio.Task[None] | None = None
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+    async def run(self, fn: Callable[..., T], *args: Any, interactive: bool = False) -> T:
+        pool = self.interactive if interactive else self.executor
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
     async def start(self) -> None:
         if self.settings.preload:
@@ -59,6 +63,7 @@ class Runtime:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        self.interactive.shutdown(wait=True, cancel_futures=True)
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.registry.unload_all()
         log.info("Stopped: requests finished, models unloaded")
@@ -94,12 +99,19 @@ class Runtime:
                     "files": {role: self.store.describe(path).as_dict() for role, path in model.files.items()},
                     "providers": model.providers(),
                     "preloaded": pinned,
+                    "recentBatchSizes": list(model.batcher.batch_sizes)[-20:] if model.batcher else [],
                 }
             )
         return {
             "version": __version__,
             "onnxruntime": ort.__version__,
             "providers": self.factory.providers,
+            "threads": {
+                "intraOp": self.factory.intra_threads,
+                "concurrentRuns": self.factory.gate.slots,
+                "requestThreads": self.settings.request_threads,
+                "maxBatch": self.factory.batch_size,
+            },
             "modelStore": str(self.store.root),
             "models": sorted(models, key=lambda m: (m["task"], m["type"], m["name"])),
             "aliases": {task: r.aliases() for task, r in self.registry.resolvers.items()},

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from immich_aio.batching import BatchPolicy, RunGate
 from immich_aio.config import Settings
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,25 @@ class SessionFactory:
         else:
             self.providers = [CUDA, CPU] if CUDA in available else [CPU]
         self.cpu_only = self.providers == [CPU]
-        log.info("ONNX Runtime %s, providers %s", ort.__version__, self.providers)
+        cores = _cpu_count()
+        # Thread budget: each background run gets `intra_threads` cores and at most `slots` runs go at
+        # once, so concurrent requests never oversubscribe the CPU. With CUDA the GPU does the work and
+        # two slots let one request's pre/post-processing overlap another's run.
+        self.intra_threads = settings.intra_op_threads or (min(cores, 4) if self.cpu_only else 2)
+        slots = settings.concurrent_runs or (max(1, cores // self.intra_threads) if self.cpu_only else 2)
+        self.gate = RunGate(slots)
+        self.batch_size = settings.batch_max_size or (4 if self.cpu_only else 16)
+        log.info(
+            "ONNX Runtime %s, providers %s, %d intra-op threads, %d concurrent runs, batches up to %d",
+            ort.__version__,
+            self.providers,
+            self.intra_threads,
+            slots,
+            self.batch_size,
+        )
+
+    def policy(self, max_size: int | None = None) -> BatchPolicy:
+        return BatchPolicy(max_size or self.batch_size, self.settings.batch_max_wait_ms / 1000)
 
     def options(self) -> ort.SessionOptions:
         s = self.settings
@@ -50,10 +69,7 @@ class SessionFactory:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         opts.enable_cpu_mem_arena = s.model_arena
-        # Upstream's defaults: on CPU-only hosts a couple of intra-op threads per run, since several
-        # requests run side by side; 0 lets ORT pick when an accelerator does the work.
-        intra = s.intra_op_threads or (min(2, _cpu_count()) if self.cpu_only else 0)
-        opts.intra_op_num_threads = intra
+        opts.intra_op_num_threads = self.intra_threads
         if s.inter_op_threads > 1:
             opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL
             opts.inter_op_num_threads = s.inter_op_threads

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from immich_aio.batching import Batcher
 from immich_aio.sessions import SessionFactory
 
 
@@ -34,6 +35,7 @@ class Model(ABC):
         self.files = files  # role -> path, shown in /info
         self.factory = factory
         self.session: ort.InferenceSession | None = None
+        self.batcher: Batcher | None = None  # set by models whose runs are batched across requests
 
     @abstractmethod
     def load(self) -> None:
@@ -47,8 +49,17 @@ class Model(ABC):
         return output
 
     def close(self) -> None:
-        """Drop the session so ONNX Runtime frees its memory (host and device)."""
+        """Stop the batcher and drop the session so ONNX Runtime frees its memory (host and device)."""
+        if self.batcher is not None:
+            self.batcher.close()
+            self.batcher = None
         self.session = None
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One unbatched background run, through the shared gate."""
+        assert self.session is not None
+        with self.factory.gate.slot():
+            return self.session.run(None, feeds)
 
     def providers(self) -> list[str]:
         return list(self.session.get_providers()) if self.session is not None else []

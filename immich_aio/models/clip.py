@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from immich_aio.batching import Batcher
 from immich_aio.models.base import Model, Payload
 from immich_aio.protocol import CLIP, TEXTUAL, VISUAL, vector_string
 
@@ -93,6 +94,15 @@ class _ClipTower(Model):
         out_dim = self.session.get_outputs()[0].shape[-1]
         if isinstance(out_dim, int) and out_dim != self.config.embed_dim:
             raise ValueError(f"model output has {out_dim} dims but config.json says embed_dim {self.config.embed_dim}")
+        # Requests arriving together share one run; a batch-1 export runs them one by one. Text
+        # (a person searching) is interactive and never waits for a background slot.
+        self.batcher = Batcher(
+            lambda items: list(self.embed(np.stack(items))),
+            self.factory.policy(1 if self.fixed_batch_1 else None),
+            self.factory.gate,
+            interactive=self.type == TEXTUAL,
+            name=f"{self.name}-{self.type}",
+        )
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """Run a prepared batch (any size) and return L2-normalised rows."""
@@ -117,8 +127,8 @@ class CnClipVisual(_ClipTower):
         return preprocess_image(image, self.config.image_size)
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> np.ndarray:
-        assert payload.image is not None
-        return self.embed(self.prepare(payload.image)[None])[0]
+        assert payload.image is not None and self.batcher is not None
+        return self.batcher.submit(self.prepare(payload.image)).result()
 
 
 class CnClipTextual(_ClipTower):
@@ -137,5 +147,5 @@ class CnClipTextual(_ClipTower):
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> np.ndarray:
         # `language` is accepted and ignored: CN-CLIP reads Chinese and English alike.
-        assert payload.text is not None
-        return self.embed(self.prepare(payload.text)[None])[0]
+        assert payload.text is not None and self.batcher is not None
+        return self.batcher.submit(self.prepare(payload.text)).result()

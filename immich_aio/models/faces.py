@@ -14,6 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from immich_aio.batching import Batcher
 from immich_aio.models.base import Model, Payload
 from immich_aio.protocol import DETECTION, FACES, RECOGNITION, option_float, vector_string
 
@@ -110,7 +111,7 @@ class FaceDetector(Model):
     def detect(self, image: np.ndarray, min_score: float) -> dict[str, np.ndarray]:
         canvas, scale = letterbox(image)
         blob = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
-        outs = self.session.run(None, {self.input_name: blob})
+        outs = self.run({self.input_name: blob})
         outs = [o[0] if o.ndim == 3 else o for o in outs]  # tolerate a leading batch axis
         boxes, scores, points = [], [], []
         for level, stride in enumerate(self.strides):
@@ -166,6 +167,13 @@ class FaceRecognizer(Model):
         self.batched = not isinstance(inp.shape[0], int) or inp.shape[0] != 1
         if not self.batched:
             self._add_batch_axis(model)
+        # Faces from all concurrent requests share runs; a model stuck at batch 1 goes face by face.
+        self.batcher = Batcher(
+            lambda crops: list(self.embed(np.stack(crops))),
+            self.factory.policy(self.max_batch if self.batched else 1),
+            self.factory.gate,
+            name=f"{self.name}-arcface",
+        )
 
     def _add_batch_axis(self, model) -> None:
         """Give a batch-1 model a symbolic batch axis in memory (the user's file is never touched)."""
@@ -184,11 +192,10 @@ class FaceRecognizer(Model):
             log.info("%s keeps batch 1 (%s)", self.name, e)
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
-        """crops: N×112×112×3 uint8 RGB -> N×512 raw embeddings."""
+        """crops: N×112×112×3 uint8 RGB -> N×512 raw embeddings, in one run."""
+        assert self.session is not None
         blob = ((crops.astype(np.float32) - self.mean) / self.std).transpose(0, 3, 1, 2)
-        step = self.max_batch if self.batched else 1
-        outs = [self.session.run(None, {self.input_name: blob[i : i + step]})[0] for i in range(0, len(blob), step)]
-        return np.concatenate(outs).reshape(len(blob), -1)
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(blob)})[0].reshape(len(blob), -1)
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> list[dict[str, Any]]:
         assert payload.image is not None
@@ -197,8 +204,8 @@ class FaceRecognizer(Model):
             return []
         if det["landmarks"].shape[1] != 5:
             raise ValueError("the detector gives no landmarks, so faces cannot be aligned for recognition")
-        crops = np.stack([align(payload.image, marks, self.size) for marks in det["landmarks"]])
-        embeddings = self.embed(crops)
+        assert self.batcher is not None
+        embeddings = self.batcher.map([align(payload.image, marks, self.size) for marks in det["landmarks"]])
         return [
             {
                 "boundingBox": dict(zip(("x1", "y1", "x2", "y2"), map(float, box), strict=True)),

@@ -14,13 +14,16 @@ from typing import Any
 import cv2
 import numpy as np
 
+from immich_aio.batching import Batcher
 from immich_aio.errors import BadRequest
 from immich_aio.models.base import Model, Payload
 from immich_aio.protocol import DETECTION, OCR, RECOGNITION, option_float
 from immich_aio.sessions import SessionProfile
 
 REC_HEIGHT = 48
-REC_MIN_WIDTH = 320
+# Line images are padded to one of a few canvas widths, so a GPU sees few distinct shapes and lines
+# from different requests can share a run. Wider lines keep their own width.
+REC_BUCKETS = (320, 480, 640, 960, 1280, 1920, 2560)
 LINE_GAP_PX = 10  # boxes whose tops differ by less than this are one line of text
 
 
@@ -92,7 +95,7 @@ class OcrDetector(Model):
         interp = cv2.INTER_AREA if in_h < height else cv2.INTER_LINEAR
         resized = cv2.resize(bgr, (in_w, in_h), interpolation=interp)
         blob = ((resized.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]
-        prob = self.session.run(None, {self.input_name: blob})[0]
+        prob = self.run({self.input_name: blob})[0]
         post = self._post(
             thresh=0.3,
             box_thresh=min_score,
@@ -128,27 +131,34 @@ class OcrRecognizer(Model):
         if "character" not in meta:
             raise ValueError("recognition model has no 'character' metadata (the PP-OCR ONNX charset)")
         self.decoder = CTCLabelDecode(character=meta["character"].splitlines())
+        self.batcher = Batcher(
+            self._run_lines,
+            self.factory.policy(self.max_batch),
+            self.factory.gate,
+            key=lambda line: line.shape[2],
+            name=f"{self.name}-rec",
+        )
+
+    @staticmethod
+    def prepare_line(crop: np.ndarray) -> np.ndarray:
+        """BGR line crop -> normalised 3×48×bucket tensor, zero-padded on the right."""
+        width = math.ceil(REC_HEIGHT * crop.shape[1] / crop.shape[0])
+        bucket = next((b for b in REC_BUCKETS if b >= width), width)
+        line = cv2.resize(crop, (width, REC_HEIGHT)).astype(np.float32)
+        canvas = np.zeros((3, REC_HEIGHT, bucket), dtype=np.float32)
+        canvas[:, :, :width] = ((line / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+        return canvas
+
+    def _run_lines(self, lines: list[np.ndarray]) -> list[tuple[str, float]]:
+        assert self.session is not None
+        probs = self.session.run(None, {self.input_name: np.stack(lines)})[0]
+        decoded, _ = self.decoder(probs, False)
+        return [(text, float(score)) for text, score in decoded]
 
     def recognize(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
-        """CTC-decode line images in batches of similar aspect ratio (less padding per batch)."""
-        results: list[tuple[str, float]] = [("", 0.0)] * len(crops)
-        ratios = np.array([c.shape[1] / c.shape[0] for c in crops])
-        order = np.argsort(ratios, kind="stable")
-        for start in range(0, len(order), self.max_batch):
-            idx = order[start : start + self.max_batch]
-            max_ratio = max(REC_MIN_WIDTH / REC_HEIGHT, float(ratios[idx].max()))
-            canvas_w = int(REC_HEIGHT * max_ratio)
-            batch = np.zeros((len(idx), 3, REC_HEIGHT, canvas_w), dtype=np.float32)
-            for row, i in enumerate(idx):
-                crop = crops[i]
-                w = min(canvas_w, math.ceil(REC_HEIGHT * crop.shape[1] / crop.shape[0]))
-                line = cv2.resize(crop, (w, REC_HEIGHT)).astype(np.float32)
-                batch[row, :, :, :w] = ((line / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
-            probs = self.session.run(None, {self.input_name: batch})[0]
-            decoded, _ = self.decoder(probs, False)
-            for row, i in enumerate(idx):
-                results[i] = (decoded[row][0], float(decoded[row][1]))
-        return results
+        """CTC-decode line images; lines of one width bucket share runs, across requests too."""
+        assert self.batcher is not None
+        return self.batcher.map([self.prepare_line(c) for c in crops])
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, Any]:
         assert payload.image is not None

@@ -1,0 +1,222 @@
+"""Cross-request batching: same results as item-by-item, order kept, failures isolated, interactive
+work never queued behind background work, and the run gate's cap on concurrent runs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import OCR_ENTRIES, encode, predict
+
+from immich_aio.batching import Batcher, BatcherClosed, BatchPolicy, RunGate
+from immich_aio.config import Settings
+from immich_aio.sessions import SessionFactory
+
+
+class Recorder:
+    """A fake batched run: doubles items, remembers batch sizes, can block or fail on demand."""
+
+    def __init__(self, gate_open: threading.Event | None = None, fail_on=None) -> None:
+        self.batches: list[list[int]] = []
+        self.gate_open = gate_open
+        self.fail_on = fail_on
+        self.running = 0
+        self.max_running = 0
+        self.lock = threading.Lock()
+        self.started = threading.Event()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        with self.lock:
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+        self.started.set()
+        try:
+            if self.gate_open is not None:
+                assert self.gate_open.wait(30)
+            self.batches.append(list(items))
+            if self.fail_on is not None and self.fail_on in items:
+                raise ValueError(f"bad item {self.fail_on}")
+            return [2 * i for i in items]
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def blocked_batcher(max_size: int = 8, **kw):
+    release = threading.Event()
+    rec = Recorder(release, **kw)
+    return Batcher(rec, BatchPolicy(max_size), RunGate(4), name="t"), rec, release
+
+
+def test_items_arriving_during_a_run_share_the_next_run_and_keep_their_order():
+    batcher, rec, release = blocked_batcher(max_size=8)
+    first = batcher.submit(0)
+    assert rec.started.wait(10)
+    futures = batcher.submit_many(list(range(1, 11)))
+    release.set()
+    assert first.result(10) == 0
+    assert [f.result(10) for f in futures] == [2 * i for i in range(1, 11)]
+    assert rec.batches == [[0], list(range(1, 9)), [9, 10]]
+    batcher.close()
+
+
+def test_batched_results_equal_item_by_item():
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(16, 4)).astype(np.float32)
+    items = [rng.normal(size=16).astype(np.float32) for _ in range(20)]
+
+    def run(batch):
+        return list(np.stack(batch) @ weights)
+
+    one_by_one = [run([x])[0] for x in items]
+    batcher = Batcher(run, BatchPolicy(8), RunGate(1))
+    with ThreadPoolExecutor(10) as pool:
+        together = list(pool.map(lambda x: batcher.submit(x).result(10), items))
+    for a, b in zip(together, one_by_one, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    batcher.close()
+
+
+def test_a_failing_item_fails_only_its_own_request():
+    batcher, rec, release = blocked_batcher(fail_on=3)
+    batcher.submit(0)
+    assert rec.started.wait(10)
+    futures = batcher.submit_many([1, 2, 3, 4])
+    release.set()
+    assert futures[0].result(10) == 2 and futures[1].result(10) == 4 and futures[3].result(10) == 8
+    with pytest.raises(ValueError, match="bad item 3"):
+        futures[2].result(10)
+    assert [1, 2, 3, 4] in rec.batches  # tried together first, then one by one
+    batcher.close()
+
+
+def test_keys_never_mix_in_one_run():
+    release = threading.Event()
+    rec = Recorder(release)
+    batcher = Batcher(rec, BatchPolicy(8), RunGate(1), key=lambda i: i % 2)
+    batcher.submit(100)
+    assert rec.started.wait(10)
+    futures = batcher.submit_many([1, 2, 3, 4, 5, 6])
+    release.set()
+    assert [f.result(10) for f in futures] == [2, 4, 6, 8, 10, 12]
+    assert all(len({i % 2 for i in b}) == 1 for b in rec.batches)
+    batcher.close()
+
+
+def test_lone_request_does_not_wait_for_a_batch_to_fill():
+    rec = Recorder()
+    batcher = Batcher(rec, BatchPolicy(8, max_wait_s=5.0), RunGate(1))
+    started = time.monotonic()
+    assert batcher.submit(7).result(10) == 14
+    assert time.monotonic() - started < 2.5  # it would take 5 s if an idle batcher waited for company
+    batcher.close()
+
+
+def test_gate_caps_concurrent_background_runs_but_not_interactive_ones():
+    gate = RunGate(1)
+    release = threading.Event()
+    slow = Recorder(release)
+    other = Recorder()
+    bg1 = Batcher(slow, BatchPolicy(1), gate, name="bg1")
+    bg2 = Batcher(other, BatchPolicy(1), gate, name="bg2")
+    search = Batcher(Recorder(), BatchPolicy(1), gate, interactive=True, name="search")
+    blocked = bg1.submit(1)
+    assert slow.started.wait(10)
+    waiting = bg2.submit(2)
+    # A person searching is answered while the only background slot is held.
+    assert search.submit(3).result(10) == 6
+    assert not waiting.done()  # the second background run waits for the slot
+    release.set()
+    assert blocked.result(10) == 2 and waiting.result(10) == 4
+    for b in (bg1, bg2, search):
+        b.close()
+
+
+def test_close_fails_pending_work_and_refuses_new():
+    batcher, rec, release = blocked_batcher()
+    batcher.submit(0)
+    assert rec.started.wait(10)
+    pending = batcher.submit(1)
+    threading.Timer(0.2, release.set).start()
+    batcher.close()
+    with pytest.raises(BatcherClosed):
+        pending.result(10)
+    with pytest.raises(BatcherClosed):
+        batcher.submit(2)
+
+
+def test_thread_budget_defaults_and_overrides(monkeypatch):
+    monkeypatch.setattr("immich_aio.sessions._cpu_count", lambda: 2)
+    f = SessionFactory(Settings.from_env({}))
+    assert (f.intra_threads, f.gate.slots, f.batch_size) == (2, 1, 4)
+    monkeypatch.setattr("immich_aio.sessions._cpu_count", lambda: 16)
+    f = SessionFactory(Settings.from_env({}))
+    assert (f.intra_threads, f.gate.slots) == (4, 4)
+    f = SessionFactory(
+        Settings.from_env(
+            {
+                "MACHINE_LEARNING_MODEL_INTRA_OP_THREADS": "8",
+                "IMMICH_AIO_CONCURRENT_RUNS": "3",
+                "IMMICH_AIO_BATCH_MAX_SIZE": "2",
+                "IMMICH_AIO_BATCH_MAX_WAIT_MS": "5",
+            }
+        )
+    )
+    assert (f.intra_threads, f.gate.slots, f.batch_size, f.policy().max_wait_s) == (8, 3, 2, 0.005)
+    assert f.options().intra_op_num_threads == 8
+
+
+def test_ocr_lines_from_concurrent_requests_share_bucketed_runs(make_client):
+    from conftest import FIXTURES
+
+    from immich_aio.models.ocr import REC_BUCKETS, OcrRecognizer
+
+    client = make_client()
+    images = [(FIXTURES / "ocr" / n).read_bytes() for n in ("receipt.jpg", "sign.jpg", "rotated.jpg")]
+    alone = [predict(client, OCR_ENTRIES, image=img).json() for img in images]
+    runtime = client.app.state.runtime
+    rec = next(m for s, m, _, _ in runtime.registry.loaded() if s.type == "recognition")
+    rec.batcher.batch_sizes.clear()
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda img: predict(client, OCR_ENTRIES, image=img).json(), images * 2))
+    assert together == alone * 2  # batching changes nothing in the answers
+    crop = np.zeros((30, 200, 3), np.uint8)
+    assert OcrRecognizer.prepare_line(crop).shape == (3, 48, 320)
+    assert OcrRecognizer.prepare_line(np.zeros((30, 700, 3), np.uint8)).shape[2] in REC_BUCKETS
+
+
+def test_search_is_answered_while_background_image_work_is_stuck(make_client):
+    """Through HTTP: every background slot and batch is blocked, yet a text search returns."""
+    from cnclip_ref import tiny_model
+    from test_clip import install_tiny  # the tiny CN-CLIP built from cn_clip's code
+
+    from immich_aio.store import ModelStore
+
+    client = make_client(MACHINE_LEARNING_REQUEST_THREADS="4")
+    runtime = client.app.state.runtime
+    install_tiny(ModelStore(runtime.settings.cache_folder), tiny_model())
+    entries = {"clip": {"visual": {"modelName": "ViT-B-32__openai"}}}
+    img = encode(np.zeros((64, 64, 3), np.uint8))
+    assert predict(client, entries, image=img).status_code == 200
+    visual = next(m for s, m, _, _ in runtime.registry.loaded() if s.type == "visual")
+    release = threading.Event()
+    entered = threading.Event()
+    real_embed = visual.embed
+
+    def stuck_embed(batch):
+        entered.set()
+        assert release.wait(60)
+        return real_embed(batch)
+
+    visual.embed = stuck_embed
+    with ThreadPoolExecutor(8) as pool:
+        background = [pool.submit(predict, client, entries, img) for _ in range(8)]
+        assert entered.wait(30)
+        r = predict(client, {"clip": {"textual": {"modelName": "ViT-B-32__openai"}}}, text="海边的日落")
+        assert r.status_code == 200
+        assert not any(f.done() for f in background)  # the search did not wait for them
+        release.set()
+        assert all(f.result(60).status_code == 200 for f in background)
