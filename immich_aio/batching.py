@@ -23,19 +23,44 @@ R = TypeVar("R")
 
 
 class RunGate:
-    """At most `slots` background runs at a time; interactive runs pass straight through."""
+    """At most `slots` background runs at a time, granted in arrival order; interactive runs pass straight through.
+
+    FIFO hand-off matters: with a plain semaphore the model that just finished a run can take the
+    slot straight back (its queue is never empty under load) and starve every other model.
+    """
 
     def __init__(self, slots: int) -> None:
         self.slots = max(1, slots)
-        self._sem = threading.BoundedSemaphore(self.slots)
+        self._free = self.slots
+        self._waiting: deque[threading.Event] = deque()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._free and not self._waiting:
+                self._free -= 1
+                return
+            turn = threading.Event()
+            self._waiting.append(turn)
+        turn.wait()  # the releasing thread hands its slot over directly
+
+    def release(self) -> None:
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()
+            else:
+                self._free += 1
 
     @contextlib.contextmanager
     def slot(self, interactive: bool = False) -> Iterator[None]:
         if interactive:
             yield
             return
-        with self._sem:
+        self.acquire()
+        try:
             yield
+        finally:
+            self.release()
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ def serve() -> int:
     import uvicorn
 
     from immich_aio.app import create_app
+    from immich_aio.memory import limit_arenas
+
+    limit_arenas()
 
     uvicorn.run(
         create_app(settings),

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from immich_aio.errors import ModelLoadError, PredictError
+from immich_aio.memory import trim
 from immich_aio.models.base import Model, ModelSpec, Resolver
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class ModelRegistry:
                 slot.lock.release()
         if unloaded:
             gc.collect()
+            trim()
         return unloaded
 
     def unload_all(self) -> None:
@@ -125,6 +127,7 @@ class ModelRegistry:
                     slot.model.close()
                     slot.model = None
         gc.collect()
+        trim()
 
     def loaded(self) -> list[tuple[ModelSpec, Model, set[str], bool]]:
         with self._lock:

@@ -135,6 +135,27 @@ def test_gate_caps_concurrent_background_runs_but_not_interactive_ones():
         b.close()
 
 
+def test_gate_hands_slots_over_in_arrival_order():
+    """A model that just released the slot must not take it back ahead of others already waiting."""
+    gate = RunGate(1)
+    order: list[str] = []
+    gate.acquire()
+    waiters = []
+    for name in ("face", "ocr"):
+        t = threading.Thread(target=lambda n=name: (gate.acquire(), order.append(n), gate.release()))
+        t.start()
+        waiters.append(t)
+        while len(gate._waiting) < len(waiters):
+            time.sleep(0.001)
+    gate.release()
+    gate.acquire()  # the busy model comes straight back for another run
+    order.append("clip")
+    gate.release()
+    for t in waiters:
+        t.join(10)
+    assert order == ["face", "ocr", "clip"]
+
+
 def test_close_fails_pending_work_and_refuses_new():
     batcher, rec, release = blocked_batcher()
     batcher.submit(0)

@@ -146,3 +146,13 @@ def test_preload_pins_models(make_client, store: Path):
     models = client.get("/info").json()["models"]
     assert {(m["type"], m["preloaded"]) for m in models} == {("detection", True), ("recognition", True)}
     assert client.get("/ping").text == "pong"  # a failed preload is logged, the server still serves
+
+
+def test_allocator_helpers(monkeypatch):
+    from immich_aio import memory
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert memory.limit_arenas(2) is True  # glibc on Linux accepts the cap
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert memory.limit_arenas(2) is False  # the user's own setting wins
+    memory.trim()

@@ -1,0 +1,167 @@
+"""Realistic-size stand-in models for the benchmark, used when real ones are absent.
+
+- CN-CLIP ViT-B-16: Chinese-CLIP's own architecture with random weights, exported by immich-aio's
+  exporter (needs the test dependencies: torch, and cn_clip in tests/.vendor).
+- SCRFD-10G-class detector: a conv trunk of about the same compute at 640×640 feeding SCRFD-shaped
+  heads (strides 8/16/32, 2 anchors, scores/boxes/5 landmarks). Scores come from local contrast
+  so a photo yields a handful of "faces" at the usual threshold.
+- ArcFace-R50-class recogniser: an IResNet-50-shaped stack (3/4/14/3 residual blocks) at 112×112
+  with a 512-d head.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Graph:
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.n = 0
+
+    def name(self, prefix: str) -> str:
+        self.n += 1
+        return f"{prefix}{self.n}"
+
+    def const(self, array: np.ndarray, dtype=np.float32) -> str:
+        name = self.name("w")
+        self.inits.append(numpy_helper.from_array(array.astype(dtype), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], **attrs) -> str:
+        out = self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+        return out
+
+    def conv(
+        self, x: str, cin: int, cout: int, k: int = 3, stride: int = 1, relu: bool = True, gain: float = 1.0
+    ) -> str:
+        std = gain * np.sqrt(2.0 / (cin * k * k))
+        w = self.const(self.rng.normal(0, std, (cout, cin, k, k)))
+        b = self.const(np.zeros(cout))
+        y = self.op("Conv", [x, w, b], kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4)
+        return self.op("Relu", [y]) if relu else y
+
+    def save(self, path: Path, inputs, outputs) -> Path:
+        model = helper.make_model(
+            helper.make_graph(self.nodes, path.stem, inputs, outputs, self.inits),
+            opset_imports=[helper.make_opsetid("", 17)],
+        )
+        model.ir_version = 8
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(path))
+        return path
+
+
+def scrfd_10g_class(path: Path, seed: int = 0) -> Path:
+    g = Graph(seed)
+    x = "input.1"
+    # trunk (about 10 GFLOPs at 640×640)
+    t = g.conv(x, 3, 32, stride=2)
+    t = g.conv(t, 32, 64, stride=2)
+    t = g.conv(t, 64, 64)
+    feats = {}
+    t = g.conv(t, 64, 128, stride=2)
+    t = g.conv(t, 128, 128)
+    feats[8] = g.conv(t, 128, 128)
+    t = g.conv(feats[8], 128, 256, stride=2)
+    feats[16] = g.conv(t, 256, 256)
+    t = g.conv(feats[16], 256, 256, stride=2)
+    feats[32] = g.conv(t, 256, 256)
+    sq = g.op("Mul", [x, x])
+    outs = {"score": [], "bbox": [], "kps": []}
+    for s in (8, 16, 32):
+        mean = g.op("AveragePool", [x], kernel_shape=[s, s], strides=[s, s])
+        mean_sq = g.op("AveragePool", [sq], kernel_shape=[s, s], strides=[s, s])
+        var = g.op("Sub", [mean_sq, g.op("Mul", [mean, mean])])
+        contrast = g.op("Concat", [mean, var], axis=1)
+        cin = feats[s] and (128 if s == 8 else 256)
+        trunk = g.conv(feats[s], cin, 6, k=1, relu=False, gain=1e-3)  # real compute, small influence
+        f = g.op("Add", [contrast, trunk])
+        for head, width in (("score", 1), ("bbox", 4), ("kps", 10)):
+            w = g.rng.normal(0, 1.0, (2 * width, 6, 1, 1))
+            b = g.rng.normal(0, 0.3, 2 * width)
+            if head == "score":
+                w[:, 3:] = np.abs(w[:, 3:]) * 2.0
+                w[:, :3] *= 0.5
+                b -= 2.2
+            elif head == "bbox":
+                b += 1.5
+            y = g.op("Conv", [f, g.const(w), g.const(b)])
+            y = g.op({"score": "Sigmoid", "bbox": "Softplus"}.get(head, "Identity"), [y])
+            y = g.op("Transpose", [y], perm=[0, 2, 3, 1])
+            outs[head].append(g.op("Reshape", [y, g.const(np.array([-1, width]), np.int64)]))
+    names = outs["score"] + outs["bbox"] + outs["kps"]
+    widths = [1] * 3 + [4] * 3 + [10] * 3
+    inp = helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 3, "h", "w"])
+    out = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, w]) for n, w in zip(names, widths, strict=True)]
+    return g.save(path, [inp], out)
+
+
+def arcface_r50_class(path: Path, seed: int = 1) -> Path:
+    g = Graph(seed)
+    x = "input.1"
+    t = g.conv(x, 3, 64)
+    cin = 64
+    for cout, blocks in ((64, 3), (128, 4), (256, 14), (512, 3)):
+        for i in range(blocks):
+            stride = 2 if i == 0 else 1
+            y = g.conv(t, cin, cout, stride=stride)
+            y = g.conv(y, cout, cout, relu=False, gain=0.2)
+            skip = t if (stride == 1 and cin == cout) else g.conv(t, cin, cout, k=1, stride=stride, relu=False)
+            t = g.op("Relu", [g.op("Add", [y, skip])])
+            cin = cout
+    flat = g.op("Flatten", [t], axis=1)
+    g.op("Gemm", [flat, g.const(g.rng.normal(0, 0.01, (512 * 7 * 7, 512))), g.const(np.zeros(512))])
+    g.nodes[-1].output[0] = "683"
+    inp = helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 3, 112, 112])
+    out = helper.make_tensor_value_info("683", TensorProto.FLOAT, ["N", 512])
+    return g.save(path, [inp], [out])
+
+
+def cn_clip_vit_b16(folder: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import torch
+    from cnclip_ref import VENDOR, import_cn_clip, vocab_path
+
+    from immich_aio.download import clip_export
+
+    clip = import_cn_clip()
+    configs = VENDOR / "cn_clip" / "clip" / "model_configs"
+    cfg = json.loads((configs / "ViT-B-16.json").read_text())
+    cfg.update(json.loads((configs / "RoBERTa-wwm-ext-base-chinese.json").read_text()))
+    torch.manual_seed(0)
+    model = clip.model.CLIP(**cfg).float().eval()
+    stage = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(stage, ignore_errors=True)
+    clip_export.export(model, stage, 224)
+    shutil.copyfile(vocab_path(), stage / "textual" / "vocab.txt")
+    stage.rename(folder)
+    return folder
+
+
+def ensure(store: Path) -> dict[str, str]:
+    """Create whatever is missing in the store; returns where each model came from."""
+    made = {}
+    clip = store / "clip" / "CN-CLIP-ViT-B-16"
+    if not (clip / "visual" / "model.onnx").is_file():
+        print("creating CN-CLIP ViT-B-16 with random weights (about a minute)", file=sys.stderr)
+        cn_clip_vit_b16(clip)
+        made["clip"] = "synthetic CN-CLIP ViT-B-16 (random weights)"
+    faces = store / "facial-recognition" / "buffalo_l"
+    if not (faces / "detection" / "model.onnx").is_file():
+        scrfd_10g_class(faces / "detection" / "model.onnx")
+        arcface_r50_class(faces / "recognition" / "model.onnx")
+        made["faces"] = "synthetic SCRFD-10G-class + ArcFace-R50-class"
+    return made
