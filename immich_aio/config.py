@@ -48,16 +48,6 @@ def _env_reader(environ: Mapping[str, str]):
     return get
 
 
-def _as_int(get, name: str, default: int) -> int:
-    raw = get(name)
-    if raw is None:
-        return default
-    try:
-        return int(float(raw))
-    except ValueError as e:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from e
-
-
 def _as_float(get, name: str, default: float) -> float:
     raw = get(name)
     if raw is None:
@@ -66,6 +56,10 @@ def _as_float(get, name: str, default: float) -> float:
         return float(raw)
     except ValueError as e:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from e
+
+
+def _as_int(get, name: str, default: int) -> int:
+    return int(_as_float(get, name, default))
 
 
 def _as_bool(get, name: str, default: bool) -> bool:

@@ -25,6 +25,15 @@ def _const(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(array.astype(np.float32), name)
 
 
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
 def make_scrfd(path: Path, batch_axis: bool = False, seed: int = 0, landmarks: bool = True) -> Path:
     rng = np.random.default_rng(seed)
     nodes, inits, outputs = [], [], []
@@ -71,13 +80,7 @@ def make_scrfd(path: Path, batch_axis: bool = False, seed: int = 0, landmarks: b
         for out in heads[head][1]:
             dims = [1, None, heads[head][0]] if batch_axis else [None, heads[head][0]]
             outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, dims))
-    graph = helper.make_graph(nodes, "fake_scrfd", [inp], outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return _save(helper.make_graph(nodes, "fake_scrfd", [inp], outputs, inits), path)
 
 
 def make_arcface(path: Path, batch: int | None = None, seed: int = 1) -> Path:
@@ -98,13 +101,7 @@ def make_arcface(path: Path, batch: int | None = None, seed: int = 1) -> Path:
         helper.make_node("Flatten", ["r"], ["flat"], axis=1),
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["683"]),
     ]
-    graph = helper.make_graph(nodes, "fake_arcface", [inp], [out], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return _save(helper.make_graph(nodes, "fake_arcface", [inp], [out], inits), path)
 
 
 def install_pack(

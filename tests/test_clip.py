@@ -214,7 +214,7 @@ def test_batched_run_equals_single_runs(served):
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
-def test_serving_never_imports_torch_or_cn_clip(tmp_path, model):
+def test_serving_never_imports_torch_cn_clip_or_insightface(tmp_path, model):
     install_tiny(ModelStore(tmp_path), model)
     code = f"""
 import json, sys
@@ -229,7 +229,8 @@ with TestClient(create_app(s)) as c:
     assert predict(c, {{"clip": {{"textual": {{"modelName": "ViT-B-32__openai"}}}}}}, text="猫").status_code == 200
     img = encode(np.zeros((50, 50, 3), np.uint8))
     assert predict(c, {{"clip": {{"visual": {{"modelName": "ViT-B-32__openai"}}}}}}, image=img).status_code == 200
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "cn_clip", "torchvision"))))
+heavy = ("torch", "cn_clip", "torchvision", "insightface")
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy)))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -439,7 +440,7 @@ def test_download_via_hf_endpoint_with_interruption_and_resume(tmp_path, monkeyp
         assert float(got @ torch_image(model, rgb)) >= 0.9999
 
 
-def test_download_from_modelscope(tmp_path, monkeypatch, tiny_release):
+def test_download_from_modelscope(tmp_path, monkeypatch, tiny_release, model):
     store = tmp_path / "models"
     with FakeHub() as hub:
         base = "/models/AI-ModelScope/chinese-clip-vit-base-patch16/resolve/master"
@@ -451,6 +452,9 @@ def test_download_from_modelscope(tmp_path, monkeypatch, tiny_release):
         )
     config = json.loads((store / "clip" / NAME / "config.json").read_text())
     assert config["precision"] == "fp16"
+    with TestClient(create_app(settings_for(store))) as client:  # fp16 weights, float32 I/O: served as is
+        got = vec(predict(client, clip_entries("textual"), text="海边的日落").json())
+        assert float(got @ torch_text(model, "海边的日落")) >= 0.99
 
 
 def test_unreachable_hub_names_the_mirror_options(tmp_path, monkeypatch, capsys):

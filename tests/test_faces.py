@@ -260,3 +260,22 @@ def test_existing_immich_cache_layout_is_served(tmp_path):
     with TestClient(create_app(settings_for(cache))) as client:
         r = predict(client, face_entries(), image=photo_files()["group_t1"])
         assert r.status_code == 200 and r.json()["facial-recognition"]
+
+
+def test_fp16_recogniser_with_fp16_io_is_accepted(store):
+    """A half-precision model whose inputs and outputs are fp16 too is fed fp16 and answers float32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    pack = install_pack(store, "buffalo_l")
+    with TestClient(create_app(settings_for(store))) as client:
+        fp32 = predict(client, face_entries(), image=photo_files()["astronaut"]).json()["facial-recognition"]
+    rec = pack / "recognition" / "model.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(rec)), keep_io_types=False), str(rec))
+    with TestClient(create_app(settings_for(store))) as client:
+        fp16 = predict(client, face_entries(), image=photo_files()["astronaut"]).json()["facial-recognition"]
+    assert len(fp16) == len(fp32) > 0
+    a = np.array([json.loads(f["embedding"]) for f in fp32])
+    b = np.array([json.loads(f["embedding"]) for f in fp16])
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.99

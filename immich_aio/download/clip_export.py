@@ -66,28 +66,22 @@ def export(model, out_dir: Path, image_size: int, context_length: int = 52, fp16
     """
     import torch
 
-    class Visual(torch.nn.Module):
-        def __init__(self) -> None:
+    class Tower(torch.nn.Module):
+        """One encoder of the CLIP model as a module of its own (the official export's I/O)."""
+
+        def __init__(self, encode: str) -> None:
             super().__init__()
-            self.clip = model
+            self.clip, self.encode = model, encode
 
-        def forward(self, image):
-            return self.clip.encode_image(image)
-
-    class Textual(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.clip = model
-
-        def forward(self, text):
-            return self.clip.encode_text(text)
+        def forward(self, x):
+            return getattr(self.clip, self.encode)(x)
 
     image = torch.randn(2, 3, image_size, image_size)
     text = torch.zeros(2, context_length, dtype=torch.long)
     text[:, 0], text[:, 1:6], text[:, 6] = 101, torch.arange(670, 675), 102
     towers = {
-        "visual": (Visual().eval(), image, "image", "unnorm_image_features"),
-        "textual": (Textual().eval(), text, "text", "unnorm_text_features"),
+        "visual": (Tower("encode_image").eval(), image, "image", "unnorm_image_features"),
+        "textual": (Tower("encode_text").eval(), text, "text", "unnorm_text_features"),
     }
     embed_dim = None
     for folder, (wrapper, example, in_name, out_name) in towers.items():

@@ -55,11 +55,19 @@ class Model(ABC):
             self.batcher = None
         self.session = None
 
+    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the session; fp16 models whose inputs are fp16 too get cast inputs and float32 outputs."""
+        assert self.session is not None
+        halves = {i.name for i in self.session.get_inputs() if i.type == "tensor(float16)"}
+        if halves:
+            feeds = {k: v.astype(np.float16) if k in halves else v for k, v in feeds.items()}
+        outs = self.session.run(None, feeds)
+        return [o.astype(np.float32) if o.dtype == np.float16 else o for o in outs]
+
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """One unbatched background run, through the shared gate."""
-        assert self.session is not None
         with self.factory.gate.slot():
-            return self.session.run(None, feeds)
+            return self.infer(feeds)
 
     def providers(self) -> list[str]:
         return list(self.session.get_providers()) if self.session is not None else []

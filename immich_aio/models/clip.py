@@ -108,9 +108,9 @@ class _ClipTower(Model):
         """Run a prepared batch (any size) and return L2-normalised rows."""
         assert self.session is not None
         if self.fixed_batch_1 and len(batch) > 1:
-            out = np.concatenate([self.session.run(None, {self.input_name: row[None]})[0] for row in batch])
+            out = np.concatenate([self.infer({self.input_name: row[None]})[0] for row in batch])
         else:
-            out = self.session.run(None, {self.input_name: batch})[0]
+            out = self.infer({self.input_name: batch})[0]
         return l2_normalise(out.reshape(len(batch), -1))
 
     def response(self, output: np.ndarray, options: dict[str, Any]) -> str:

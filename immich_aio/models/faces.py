@@ -184,7 +184,8 @@ class FaceRecognizer(Model):
                 dims[0].dim_param = "batch"
         try:
             session = self.factory.create(model.SerializeToString())
-            probe = np.zeros((2, 3, self.size, self.size), np.float32)
+            halves = session.get_inputs()[0].type == "tensor(float16)"
+            probe = np.zeros((2, 3, self.size, self.size), np.float16 if halves else np.float32)
             if session.run(None, {self.input_name: probe})[0].shape[0] == 2:
                 self.session, self.batched = session, True
                 return
@@ -195,7 +196,7 @@ class FaceRecognizer(Model):
         """crops: N×112×112×3 uint8 RGB -> N×512 raw embeddings, in one run."""
         assert self.session is not None
         blob = ((crops.astype(np.float32) - self.mean) / self.std).transpose(0, 3, 1, 2)
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(blob)})[0].reshape(len(blob), -1)
+        return self.infer({self.input_name: np.ascontiguousarray(blob)})[0].reshape(len(blob), -1)
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> list[dict[str, Any]]:
         assert payload.image is not None

@@ -151,7 +151,7 @@ class OcrRecognizer(Model):
 
     def _run_lines(self, lines: list[np.ndarray]) -> list[tuple[str, float]]:
         assert self.session is not None
-        probs = self.session.run(None, {self.input_name: np.stack(lines)})[0]
+        probs = self.infer({self.input_name: np.stack(lines)})[0]
         decoded, _ = self.decoder(probs, False)
         return [(text, float(score)) for text, score in decoded]
 
