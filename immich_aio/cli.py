@@ -36,7 +36,7 @@ def serve() -> int:
 
     limit_arenas()
 
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.bind_host,
         port=settings.port,
@@ -45,7 +45,24 @@ def serve() -> int:
         timeout_graceful_shutdown=10,
         access_log=settings.log_level == "debug",
     )
+    server = uvicorn.Server(config)
+    if settings.bind_host == "::":
+        # asyncio makes IPv6 listeners IPv6-only; "all interfaces" must take IPv4 clients too.
+        server.run(sockets=[dual_stack_socket(settings.port)])
+    else:
+        server.run()
     return 0
+
+
+def dual_stack_socket(port: int):
+    import socket
+
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", port))
+    sock.set_inheritable(True)
+    return sock
 
 
 def main(argv: list[str] | None = None) -> int:

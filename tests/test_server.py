@@ -28,11 +28,11 @@ def free_port() -> int:
 
 @pytest.fixture
 def server(tmp_path, request):
-    level = getattr(request, "param", "warn")
+    level, host = getattr(request, "param", ("warn", "127.0.0.1"))
     port = free_port()
     env = dict(
         os.environ,
-        IMMICH_HOST="127.0.0.1",
+        IMMICH_HOST=host,
         IMMICH_PORT=str(port),
         MACHINE_LEARNING_CACHE_FOLDER=str(tmp_path / "models"),
         MACHINE_LEARNING_REQUEST_THREADS="2",
@@ -99,7 +99,7 @@ def test_ping_answers_while_every_worker_is_busy(server):
     assert pongs_while_busy and set(pongs_while_busy) == {"pong"}
 
 
-@pytest.mark.parametrize("server", ["info"], indirect=True)
+@pytest.mark.parametrize("server", [("info", "127.0.0.1")], indirect=True)
 def test_sigterm_shuts_down_gracefully(server):
     url, proc = server
     assert post(url, "rotated.jpg").status_code == 200
@@ -109,3 +109,15 @@ def test_sigterm_shuts_down_gracefully(server):
     out = proc.stdout.read().decode(errors="replace")
     assert "Stopped: requests finished, models unloaded" in out
     assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("server", [("warn", "[::]")], indirect=True)
+def test_default_all_interfaces_bind_takes_ipv4_and_ipv6(server):
+    """IMMICH_HOST's default [::] must accept IPv4 clients too (the Immich server often connects by IPv4)."""
+    url, _ = server
+    port = url.rsplit(":", 1)[1]
+    assert httpx.get(f"http://127.0.0.1:{port}/ping", timeout=5).text == "pong"
+    from immich_aio.config import _ipv6_available
+
+    if _ipv6_available():
+        assert httpx.get(f"http://[::1]:{port}/ping", timeout=5).text == "pong"
