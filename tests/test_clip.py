@@ -467,3 +467,12 @@ def test_unreachable_hub_names_the_mirror_options(tmp_path, monkeypatch, capsys)
     assert models_main(["--store", str(tmp_path), "clip", "--arch", "ViT-B-16"]) == 1
     err = capsys.readouterr().err
     assert "Could not reach" in err and "HF_ENDPOINT=https://hf-mirror.com" in err and "--source modelscope" in err
+
+
+def test_missing_export_tools_fail_before_downloading(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "cn_clip.clip.model", None)  # as if cn_clip were not installed
+    with FakeHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        assert models_main(["--store", str(tmp_path), "clip", "--arch", "ViT-B-16"]) == 1
+        assert hub.requests == []
+    assert "pip install --no-deps cn_clip" in capsys.readouterr().err

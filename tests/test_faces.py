@@ -279,3 +279,14 @@ def test_fp16_recogniser_with_fp16_io_is_accepted(store):
     b = np.array([json.loads(f["embedding"]) for f in fp16])
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() >= 0.99
+
+
+def test_unreachable_release_host_names_its_own_mirror_option(tmp_path, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv("INSIGHTFACE_RELEASES_URL", f"http://127.0.0.1:{closed}/releases")
+    assert models_main(["--store", str(tmp_path), "faces", "--pack", "buffalo_s", "--source", "insightface"]) == 1
+    assert "INSIGHTFACE_RELEASES_URL" in capsys.readouterr().err

@@ -53,6 +53,7 @@ def fetch_and_export(
     """Download `clip_cn_<arch>.pt` (+ vocab), export both towers, install as CN-CLIP-<arch>."""
     from immich_aio.download import clip_export
 
+    clip_export.require()
     release = RELEASES[arch]
     print(f"Fetching {release.checkpoint} from {'ModelScope' if source == 'modelscope' else 'Hugging Face'}")
     checkpoint = download(hub_url(release, release.checkpoint, source), store.root / ".downloads" / release.checkpoint)

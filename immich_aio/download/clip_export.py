@@ -31,9 +31,15 @@ EXPORT_HELP = (
 def _cn_clip():
     try:
         import cn_clip.clip.model as model_module
+        import torch  # noqa: F401
     except ImportError as e:
         raise RuntimeError(f"{EXPORT_HELP} ({e})") from e
     return model_module
+
+
+def require() -> None:
+    """Fail before a long download when the export tools are missing."""
+    _cn_clip()
 
 
 def arch_config(arch: str) -> dict[str, Any]:

@@ -26,6 +26,11 @@ PACK_FILES = {
 }
 DEFAULT_RELEASES = "https://github.com/deepinsight/insightface/releases/download/v0.7"
 LICENCE = "InsightFace models are licensed for non-commercial research purposes only."
+HF_HINT = "Use a mirror with HF_ENDPOINT=https://hf-mirror.com, or --source insightface"
+RELEASES_HINT = (
+    "Set INSIGHTFACE_RELEASES_URL to a mirror of InsightFace's release files, or use --source hf "
+    "(with HF_ENDPOINT=https://hf-mirror.com if needed)"
+)
 
 
 def validate(detector: Path, recognizer: Path) -> None:
@@ -53,7 +58,7 @@ def fetch_pack(store: ModelStore, pack: str, source: str = "hf") -> Path:
         }
     else:
         base = os.environ.get("INSIGHTFACE_RELEASES_URL", DEFAULT_RELEASES).rstrip("/")
-        archive = download(f"{base}/{pack}.zip", downloads / f"{pack}.zip")
+        archive = download(f"{base}/{pack}.zip", downloads / f"{pack}.zip", hint=RELEASES_HINT)
         files = _unzip(archive, pack, downloads)
     validate(files[DETECTION], files[RECOGNITION])
     with staged(store, FACES, pack) as stage:

@@ -71,8 +71,11 @@ class Progress:
         print(f"  {self.label}:{pct} {size} {rate:.1f} MB/s", end=end, file=self.stream, flush=True)
 
 
-def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30) -> Path:
-    """Fetch url to dest (resuming dest.part), verify, rename into place; returns dest."""
+def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30, hint: str = MIRROR_HELP) -> Path:
+    """Fetch url to dest (resuming dest.part), verify, rename into place; returns dest.
+
+    `hint` is appended to network errors: how to reach this source through a mirror.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
@@ -86,9 +89,9 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
         if e.code == 416 and have:  # the part file is already complete
             response = None
         else:
-            raise DownloadError(f"{url}: HTTP {e.code} {e.reason}. {MIRROR_HELP}") from e
+            raise DownloadError(f"{url}: HTTP {e.code} {e.reason}. {hint}") from e
     except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise DownloadError(f"Could not reach {url} ({getattr(e, 'reason', e)}). {MIRROR_HELP}") from e
+        raise DownloadError(f"Could not reach {url} ({getattr(e, 'reason', e)}). {hint}") from e
 
     if response is not None:
         with response:
