@@ -38,7 +38,6 @@ class ModelRegistry:
         self._clock = clock
         self._slots: dict[tuple[str, str, str], _Slot] = {}
         self._lock = threading.Lock()
-        self.loading = 0
 
     def resolve(self, task: str, type_: str, requested: str) -> ModelSpec:
         return self.resolvers[task].resolve(type_, requested)
@@ -52,8 +51,6 @@ class ModelRegistry:
         slot = self._slot(spec.key)
         with slot.lock:
             if slot.model is None:
-                with self._lock:
-                    self.loading += 1
                 started = time.perf_counter()
                 try:
                     model = spec.build()
@@ -63,9 +60,6 @@ class ModelRegistry:
                 except Exception as e:  # a broken file must not poison the slot: next request retries
                     log.exception("Failed to load %s/%s/%s", *spec.key)
                     raise ModelLoadError(f"Failed to load model '{spec.name}' ({spec.task}.{spec.type}): {e}") from e
-                finally:
-                    with self._lock:
-                        self.loading -= 1
                 slot.model, slot.spec = model, spec
                 log.info("Loaded %s/%s/%s in %.2fs", *spec.key, time.perf_counter() - started)
             slot.pinned = slot.pinned or pin

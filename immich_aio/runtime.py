@@ -46,23 +46,26 @@ class Runtime:
         self.store = ModelStore(settings.cache_folder)
         self.factory = SessionFactory(settings)
         self.registry = ModelRegistry(build_resolvers(settings, self.store, self.factory), settings.model_ttl)
-        self._reaper: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
 
     async def run(self, fn: Callable[..., T], *args: Any, interactive: bool = False) -> T:
         pool = self.interactive if interactive else self.executor
         return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
     async def start(self) -> None:
+        # Preloading runs in the background: /ping answers from the first moment, and a request for a
+        # model still loading simply waits for that one load.
         if self.settings.preload:
-            await self.run(self.preload)
+            self._tasks.append(asyncio.create_task(self.run(self.preload)))
         if self.settings.model_ttl > 0:
-            self._reaper = asyncio.create_task(self._reap_forever())
+            self._tasks.append(asyncio.create_task(self._reap_forever()))
 
     async def stop(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+                await task
         self.interactive.shutdown(wait=True, cancel_futures=True)
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.registry.unload_all()

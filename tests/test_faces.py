@@ -290,3 +290,30 @@ def test_unreachable_release_host_names_its_own_mirror_option(tmp_path, monkeypa
     monkeypatch.setenv("INSIGHTFACE_RELEASES_URL", f"http://127.0.0.1:{closed}/releases")
     assert models_main(["--store", str(tmp_path), "faces", "--pack", "buffalo_s", "--source", "insightface"]) == 1
     assert "INSIGHTFACE_RELEASES_URL" in capsys.readouterr().err
+
+
+def test_one_request_with_every_task(store):
+    """CLIP visual, faces and OCR in one request: one decode, each answer under its task key."""
+    from cnclip_ref import tiny_model
+    from test_clip import install_tiny
+
+    from immich_aio.store import ModelStore
+
+    install_pack(store)
+    install_tiny(ModelStore(store), tiny_model())
+    entries = {
+        **face_entries(),
+        "clip": {"visual": {"modelName": "ViT-B-32__openai"}},
+        "ocr": {
+            "detection": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.5, "maxResolution": 736}},
+            "recognition": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.8}},
+        },
+    }
+    from conftest import FIXTURES
+
+    with TestClient(create_app(settings_for(store))) as client:
+        body = predict(client, entries, image=(FIXTURES / "ocr" / "sign.jpg").read_bytes()).json()
+    assert set(body) == {"clip", "facial-recognition", "ocr", "imageHeight", "imageWidth"}
+    assert len(json.loads(body["clip"])) == 512
+    assert body["ocr"]["text"] == ["海边咖啡馆", "OPEN 24 HOURS", "欢迎光临"]
+    assert isinstance(body["facial-recognition"], list)

@@ -142,7 +142,11 @@ def test_preload_pins_models(make_client, store: Path):
         MACHINE_LEARNING_MODEL_TTL="0.1",
         MACHINE_LEARNING_MODEL_TTL_POLL_S="0.05",
     )
-    time.sleep(0.4)
+    assert client.get("/ping").text == "pong"  # answered while preloading goes on in the background
+    deadline = time.monotonic() + 30
+    while len(client.get("/info").json()["models"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.4)  # several TTLs: preloaded models must not expire
     models = client.get("/info").json()["models"]
     assert {(m["type"], m["preloaded"]) for m in models} == {("detection", True), ("recognition", True)}
     assert client.get("/ping").text == "pong"  # a failed preload is logged, the server still serves

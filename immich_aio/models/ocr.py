@@ -149,16 +149,19 @@ class OcrRecognizer(Model):
         canvas[:, :, :width] = ((line / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
         return canvas
 
-    def _run_lines(self, lines: list[np.ndarray]) -> list[tuple[str, float]]:
-        assert self.session is not None
-        probs = self.infer({self.input_name: np.stack(lines)})[0]
-        decoded, _ = self.decoder(probs, False)
-        return [(text, float(score)) for text, score in decoded]
+    def _run_lines(self, lines: list[np.ndarray]) -> list[np.ndarray]:
+        """The batched ONNX Runtime run: per line, its CTC probabilities (decoded by the caller)."""
+        return list(self.infer({self.input_name: np.stack(lines)})[0])
 
     def recognize(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
-        """CTC-decode line images; lines of one width bucket share runs, across requests too."""
+        """Recognise line images; lines of one width bucket share runs, across requests too.
+
+        CTC decoding happens here, on the request's thread, so the shared run slot is held only
+        for the ONNX Runtime run itself.
+        """
         assert self.batcher is not None
-        return self.batcher.map([self.prepare_line(c) for c in crops])
+        probs = self.batcher.map([self.prepare_line(c) for c in crops])
+        return [(text, float(score)) for p in probs for text, score in self.decoder(p[None], False)[0]]
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, Any]:
         assert payload.image is not None
