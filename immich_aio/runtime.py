@@ -90,6 +90,18 @@ class Runtime:
             except RuntimeError:  # executor already shut down
                 return
 
+    def _served_files(self) -> dict[str, dict[str, dict[str, dict[str, object]]]]:
+        """For every model that answers an alias, its files with size and sha256 (loaded or not)."""
+        out: dict[str, dict[str, dict[str, dict[str, object]]]] = {}
+        for task, resolver in self.registry.resolvers.items():
+            for served in sorted(set(resolver.aliases().values())):
+                files = resolver.files(served)
+                if files:
+                    out.setdefault(task, {})[served] = {
+                        role: self.store.describe(p).as_dict() for role, p in files.items()
+                    }
+        return out
+
     def info(self) -> dict[str, Any]:
         models = []
         for spec, model, requested, pinned in self.registry.loaded():
@@ -118,4 +130,5 @@ class Runtime:
             "modelStore": str(self.store.root),
             "models": sorted(models, key=lambda m: (m["task"], m["type"], m["name"])),
             "aliases": {task: r.aliases() for task, r in self.registry.resolvers.items()},
+            "servedFiles": self._served_files(),
         }

@@ -7,6 +7,7 @@ refuse anything that could resolve outside the store.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 from dataclasses import dataclass
@@ -61,18 +62,40 @@ class ModelStore:
         return sorted(p.name for p in task_dir.iterdir() if p.is_dir() and _SAFE_NAME.match(p.name))
 
     def describe(self, path: Path) -> FileInfo:
-        """Path (inside the store where possible), size and sha256 of a model file, cached by mtime."""
+        """Path (inside the store where possible), size and sha256 of a model file, cached by mtime.
+
+        The sha256 comes from the install manifest when that is newer than the file, else it is computed.
+        """
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         with self._lock:
             digest = self._hashes.get(key)
         if digest is None:
-            digest = sha256_file(path)
+            digest = _from_manifest(path, stat) or sha256_file(path)
             with self._lock:
                 self._hashes[key] = digest
         resolved = path.resolve()
         shown = str(resolved.relative_to(self.root)) if resolved.is_relative_to(self.root) else str(resolved)
         return FileInfo(shown, stat.st_size, digest)
+
+
+def _from_manifest(path: Path, stat) -> str | None:
+    """sha256 recorded by `immich-aio models` for this file, if the file has not changed since."""
+    for folder in path.parents:
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            try:
+                if manifest.stat().st_mtime_ns <= stat.st_mtime_ns:  # changed since (or too close to tell)
+                    return None
+                entry = json.loads(manifest.read_text())["files"].get(str(path.relative_to(folder)))
+            except (OSError, ValueError, KeyError, AttributeError):
+                return None
+            if entry and entry.get("size") == stat.st_size:
+                return entry.get("sha256")
+            return None
+        if folder.name in {"clip", "facial-recognition", "ocr"}:
+            return None
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -325,6 +325,23 @@ def test_info_shows_which_model_and_file_answers(served):
     assert m["files"]["model"]["sha256"] == sha256_file(root / m["files"]["model"]["path"])
     assert m["files"]["model"]["path"] == f"clip/{NAME}/textual/model.onnx"
     assert info["aliases"]["clip"]["ViT-B-32__openai"] == NAME
+    served = info["servedFiles"]["clip"][NAME]
+    assert served["visual"]["sha256"] == sha256_file(root / served["visual"]["path"])
+    assert served["textual"] == m["files"]["model"]
+
+
+def test_served_files_use_the_manifest_until_a_file_changes(tmp_path, model):
+    from immich_aio.store import ModelStore as Store
+
+    folder = install_tiny(ModelStore(tmp_path), model)
+    visual = folder / "visual" / "model.onnx"
+    store = Store(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())["files"]
+    assert store.describe(visual).sha256 == manifest["visual/model.onnx"]["sha256"] == sha256_file(visual)
+    data = bytearray(visual.read_bytes())
+    data[-1] ^= 0xFF  # same size, different content, newer than the manifest
+    visual.write_bytes(bytes(data))
+    assert Store(tmp_path).describe(visual).sha256 == sha256_file(visual) != manifest["visual/model.onnx"]["sha256"]
 
 
 # --- importing official-format (batch 1) files ------------------------------------------------

@@ -152,3 +152,42 @@ def test_broken_model_file_is_500_and_next_request_retries(client, store):
 def test_non_multipart_body_is_400(client):
     r = client.post("/predict", content=b'{"entries": 1}', headers={"content-type": "application/json"})
     assert_detail(r, 400, "multipart/form-data")
+
+
+def _formats() -> dict[str, bytes]:
+    import io
+
+    from PIL import Image
+
+    rgb = np.random.default_rng(3).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    out = {}
+    for fmt, kw in [
+        ("JPEG", {}),
+        ("PNG", {}),
+        ("WEBP", {}),
+        ("GIF", {}),
+        ("BMP", {}),
+        ("TIFF", {"compression": "tiff_lzw"}),
+    ]:
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format=fmt, **kw)
+        out[fmt] = buf.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_truncated_and_corrupted_images_are_400_never_500(client, fmt):
+    data = _formats()[fmt]
+    rng = np.random.default_rng(len(fmt))
+    variants = [data[:n] for n in (8, 16, 40, len(data) // 2, len(data) - 3)]
+    for _ in range(4):  # flip bytes after the signature
+        broken = bytearray(data)
+        for i in rng.integers(12, len(data), 8):
+            broken[i] ^= 0xFF
+        variants.append(bytes(broken))
+    for v in variants:
+        r = predict(client, OCR_ENTRIES, image=v)
+        assert r.status_code in (200, 400), (fmt, len(v), r.text)
+        if r.status_code == 400:
+            assert "image" in r.json()["detail"].lower()
+    assert client.get("/ping").text == "pong"

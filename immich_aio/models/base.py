@@ -99,3 +99,7 @@ class Resolver(ABC):
     def aliases(self) -> dict[str, str]:
         """Names this task answers to that are not model names themselves, for /info."""
         return {}
+
+    def files(self, served: str) -> dict[str, Path]:
+        """The files of an installed model, by role, for /info."""
+        return {}

@@ -8,6 +8,8 @@ database writes would fail.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from immich_aio.errors import BadRequest, ModelMissing
 from immich_aio.models.base import ModelSpec, Resolver
 from immich_aio.models.clip import ClipConfig, CnClipTextual, CnClipVisual, is_cn_clip
@@ -131,6 +133,10 @@ class ClipResolver(Resolver):
             )
         cls = CnClipVisual if type_ == VISUAL else CnClipTextual
         return ModelSpec(CLIP, type_, served, lambda: cls(served, files, self.factory), requested)
+
+    def files(self, served: str) -> dict[str, Path]:
+        folder = self.store.model_dir(CLIP, served)
+        return {t: folder / t / "model.onnx" for t in ("visual", "textual") if (folder / t / "model.onnx").is_file()}
 
     def aliases(self) -> dict[str, str]:
         out = {}
