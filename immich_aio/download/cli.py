@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     clip.add_argument("--onnx-text", type=Path, help="official-format text tower (*.txt.fp32.onnx) to import")
     clip.add_argument("--vocab", type=Path, help="vocab.txt for imports (default: fetched from the hub)")
 
+    ocr = sub.add_parser("ocr", help="PP-OCRv5 models behind Immich's OCR names (from RapidOCR's ModelScope repo)")
+    ocr.add_argument("--name", default="PP-OCRv5_mobile", help="e.g. PP-OCRv5_server, KOREAN__PP-OCRv5_mobile")
+
     faces = sub.add_parser("faces", help="InsightFace pack (non-commercial research licence)")
     faces.add_argument("--pack", default="buffalo_l", help="buffalo_l, buffalo_m, buffalo_s or antelopev2")
     faces.add_argument(
@@ -55,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             return _list(store)
         if args.command == "clip":
             return _clip(store, args)
+        if args.command == "ocr":
+            from immich_aio.download.ocr import fetch
+
+            fetch(store, args.name)
+            return 0
         if args.command == "faces":
             from immich_aio.download.faces import fetch_pack
 

@@ -77,6 +77,8 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
     `hint` is appended to network errors: how to reach this source through a mirror.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_file() and (sha256 is None or _sha256(dest) == sha256.lower()):
+        return dest  # complete from an earlier run (only finished downloads are ever renamed to dest)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     headers = _headers(url)

@@ -40,12 +40,18 @@ def verify_manifest(folder: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def staged(store: ModelStore, task: str, name: str) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it becomes `<root>/<task>/<name>` atomically."""
+def staged(store: ModelStore, task: str, name: str, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a staging folder; on success it becomes `<root>/<task>/<name>` atomically.
+
+    With keep_existing the stage starts as a copy of the current folder, for folders that several
+    installs add to (e.g. the OCR detector shared by every language).
+    """
     target = store.model_dir(task, clean_name(name))
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".staging-{target.name}-", dir=target.parent))
     try:
+        if keep_existing and target.is_dir():
+            shutil.copytree(target, stage, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST))
         yield stage
         write_manifest(stage)
         old = None
