@@ -79,3 +79,15 @@ def test_checksum_mismatch_installs_nothing(tmp_path, hub, capsys):
 def test_unknown_name_is_refused(tmp_path, capsys):
     assert models_main(["--store", str(tmp_path), "ocr", "--name", "PP-OCRv9_giant"]) == 1
     assert "PP-OCRv5_mobile" in capsys.readouterr().err
+
+
+def test_list_verify_reports_modified_files(tmp_path, hub, capsys):
+    store = tmp_path / "models"
+    assert models_main(["--store", str(store), "ocr", "--name", "PP-OCRv5_mobile"]) == 0
+    capsys.readouterr()
+    assert models_main(["--store", str(store), "list", "--verify"]) == 0
+    assert "ocr/PP-OCRv5_mobile  [ok]" in capsys.readouterr().out
+    with (store / "ocr" / "PP-OCRv5_mobile" / "detection" / "model.onnx").open("ab") as f:
+        f.write(b"x")
+    assert models_main(["--store", str(store), "list", "--verify"]) == 1
+    assert "MODIFIED: detection/model.onnx" in capsys.readouterr().out

@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("list", help="installed models")
+    listing = sub.add_parser("list", help="installed models")
+    listing.add_argument("--verify", action="store_true", help="check every file against its install manifest")
 
     clip = sub.add_parser("clip", help="Chinese-CLIP: download + export a checkpoint, or import ONNX files")
     clip.add_argument(
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     store = ModelStore(root)
     try:
         if args.command == "list":
-            return _list(store)
+            return _list(store, args.verify)
         if args.command == "clip":
             return _clip(store, args)
         if args.command == "ocr":
@@ -99,12 +100,23 @@ def _clip(store: ModelStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def _list(store: ModelStore) -> int:
+def _list(store: ModelStore, verify: bool = False) -> int:
+    from immich_aio.download.install import MANIFEST, verify_manifest
     from immich_aio.models.clip import ClipConfig, is_cn_clip
 
+    damaged = 0
     for task in ("clip", "facial-recognition", "ocr"):
         for name in store.names(task):
             folder = store.path(task, name)
             extra = f" ({ClipConfig.read(folder).embed_dim}-d CN-CLIP)" if task == "clip" and is_cn_clip(folder) else ""
-            print(f"{task}/{name}{extra}")
-    return 0
+            state = ""
+            if verify:
+                if not (folder / MANIFEST).is_file():
+                    state = "  [no manifest]"
+                elif bad := verify_manifest(folder):
+                    state = f"  [MODIFIED: {', '.join(bad)}]"
+                    damaged += 1
+                else:
+                    state = "  [ok]"
+            print(f"{task}/{name}{extra}{state}")
+    return 1 if damaged else 0

@@ -71,7 +71,6 @@ class OcrResolver(Resolver):
         path = self._file(name, type_)
         if path is not None:
             return self._spec(type_, name, path, requested)
-        installed = {n for n in self.store.names(OCR)}
         if name in IMMICH_NAMES or name == clean_name(self.default):
             default = clean_name(self.default)
             path = self._file(default, type_)
@@ -82,7 +81,7 @@ class OcrResolver(Resolver):
                     f"{self.store.root}; unset IMMICH_AIO_OCR_MODEL to use the bundled {BUNDLED}"
                 )
             return self._spec(type_, default, path, requested)
-        known = sorted({BUNDLED, *IMMICH_NAMES, *installed})
+        known = sorted({BUNDLED, *IMMICH_NAMES, *self.store.names(OCR)})
         raise BadRequest(f"Unknown OCR model {requested!r}; known: {', '.join(known)}")
 
     def aliases(self) -> dict[str, str]:
