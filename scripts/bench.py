@@ -171,16 +171,17 @@ def raw_throughput(store: Path, images: list[bytes], seconds: float) -> dict[str
     orec = resolvers["ocr"].resolve("recognition", "PP-OCRv5_mobile").build()
     odet.load()
     orec.load()
-    from immich_aio.models.ocr import crop_quad, detector_input_size, to_bgr
+    from immich_aio.models.ocr import crop_quad, detector_input_size
 
     jobs = []
     for a in arrays:
         h, w = detector_input_size(*a.shape[:2], 736)
         import cv2
 
-        blob = ((cv2.resize(to_bgr(a), (w, h)).astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None]
+        bgr = Payload(image=a).bgr()
+        blob = ((cv2.resize(bgr, (w, h)).astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None]
         found = odet.predict(Payload(image=a), {"minScore": 0.5, "maxResolution": 736})
-        lines = [orec.prepare_line(c) for q in found["boxes"] if (c := crop_quad(to_bgr(a), q)) is not None]
+        lines = [orec.prepare_line(c) for q in found["boxes"] if (c := crop_quad(bgr, q)) is not None]
         jobs.append((blob, lines))
     so, sl = session(odet.files["model"]), session(orec.files["model"])
 

@@ -22,6 +22,14 @@ class Payload:
     image: np.ndarray | None = None  # HxWx3 uint8 RGB
     text: str | None = None
     outputs: dict[tuple[str, str], Any] = field(default_factory=dict)  # earlier entries' raw output
+    _bgr: np.ndarray | None = field(default=None, repr=False)
+
+    def bgr(self) -> np.ndarray:
+        """The image in OpenCV's BGR order, made once per request for the models that want it."""
+        assert self.image is not None
+        if self._bgr is None:
+            self._bgr = np.ascontiguousarray(self.image[..., ::-1])
+        return self._bgr
 
 
 class Model(ABC):
@@ -30,10 +38,13 @@ class Model(ABC):
     task: str
     type: str
 
-    def __init__(self, name: str, files: dict[str, Path], factory: SessionFactory) -> None:
+    def __init__(
+        self, name: str, files: dict[str, Path], factory: SessionFactory, max_batch: int | None = None
+    ) -> None:
         self.name = name
         self.files = files  # role -> path, shown in /info
         self.factory = factory
+        self.max_batch = max_batch  # items per batched run, for models that batch (None: the factory's default)
         self.session: ort.InferenceSession | None = None
         self.batcher: Batcher | None = None  # set by models whose runs are batched across requests
 

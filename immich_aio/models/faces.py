@@ -145,10 +145,6 @@ class FaceDetector(Model):
 class FaceRecognizer(Model):
     task, type = FACES, RECOGNITION
 
-    def __init__(self, *args: Any, max_batch: int = 32, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.max_batch = max_batch
-
     def load(self) -> None:
         import onnx
 

@@ -33,11 +33,6 @@ def bundled_model_dir() -> Path:
     return Path(rapidocr.__file__).parent / "models"
 
 
-def to_bgr(image: np.ndarray) -> np.ndarray:
-    """PP-OCR was trained on OpenCV's BGR images."""
-    return np.ascontiguousarray(image[..., ::-1])
-
-
 def detector_input_size(height: int, width: int, max_resolution: int) -> tuple[int, int]:
     """Scale the shorter side down (never up) to max_resolution; both sides multiples of 32."""
     ratio = min(max_resolution / min(height, width), 1.0)
@@ -91,7 +86,7 @@ class OcrDetector(Model):
         if height < 32 or width < 32:
             return empty
         in_h, in_w = detector_input_size(height, width, int(max_res))
-        bgr = to_bgr(payload.image)
+        bgr = payload.bgr()
         interp = cv2.INTER_AREA if in_h < height else cv2.INTER_LINEAR
         resized = cv2.resize(bgr, (in_w, in_h), interpolation=interp)
         blob = ((resized.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]
@@ -117,10 +112,6 @@ class OcrDetector(Model):
 
 class OcrRecognizer(Model):
     task, type = OCR, RECOGNITION
-
-    def __init__(self, *args: Any, max_batch: int = 16, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.max_batch = max_batch
 
     def load(self) -> None:
         from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
@@ -168,7 +159,7 @@ class OcrRecognizer(Model):
         min_score = option_float(options, "minScore", 0.9, 0.0, 1.0)
         det = payload.outputs[(OCR, DETECTION)]
         boxes, box_scores = det["boxes"], det["scores"]
-        bgr = to_bgr(payload.image)
+        bgr = payload.bgr()
         crops, kept = [], []
         for i, quad in enumerate(boxes):
             crop = crop_quad(bgr, quad)

@@ -56,13 +56,12 @@ class OcrResolver(Resolver):
 
     def _spec(self, type_: str, served: str, path: Path, requested: str) -> ModelSpec:
         cls = OcrDetector if type_ == DETECTION else OcrRecognizer
-        extra = {"max_batch": self.max_batch} if type_ == RECOGNITION else {}
         served_key = store_folder(served, type_) if served != BUNDLED else served
         return ModelSpec(
             OCR,
             type_,
             served_key,
-            lambda: cls(served_key, {"model": path}, self.factory, **extra),
+            lambda: cls(served_key, {"model": path}, self.factory, max_batch=self.max_batch),
             requested,
         )
 
