@@ -33,6 +33,13 @@ def serve() -> int:
 
     from immich_aio.app import create_app
     from immich_aio.memory import limit_arenas
+    from immich_aio.sessions import SessionFactory
+
+    try:
+        SessionFactory(settings)  # refuses providers this ONNX Runtime lacks, before anything starts
+    except ValueError as e:
+        print(f"immich-aio: {e}", file=sys.stderr)
+        return 2
 
     limit_arenas()
 

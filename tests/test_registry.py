@@ -160,3 +160,28 @@ def test_allocator_helpers(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert memory.limit_arenas(2) is False  # the user's own setting wins
     memory.trim()
+
+
+def test_ping_answers_while_a_model_is_loading(make_client, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from immich_aio.models.ocr import OcrDetector
+
+    release, loading = threading.Event(), threading.Event()
+    real_load = OcrDetector.load
+
+    def slow_load(self):
+        loading.set()
+        assert release.wait(60)
+        real_load(self)
+
+    monkeypatch.setattr(OcrDetector, "load", slow_load)
+    client = make_client()
+    img = encode(__import__("numpy").full((64, 64, 3), 255, "uint8"))
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(predict, client, OCR_ENTRIES, img)
+        assert loading.wait(30)
+        assert client.get("/ping").text == "pong"  # the load is still blocked
+        assert not pending.done()
+        release.set()
+        assert pending.result(60).status_code == 200

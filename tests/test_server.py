@@ -121,3 +121,18 @@ def test_default_all_interfaces_bind_takes_ipv4_and_ipv6(server):
 
     if _ipv6_available():
         assert httpx.get(f"http://[::1]:{port}/ping", timeout=5).text == "pong"
+
+
+def test_unavailable_provider_is_a_clear_startup_error(tmp_path):
+    env = dict(
+        os.environ,
+        IMMICH_AIO_PROVIDERS="TensorrtExecutionProvider",
+        IMMICH_PORT=str(free_port()),
+        MACHINE_LEARNING_CACHE_FOLDER=str(tmp_path),
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "immich_aio"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    assert "TensorrtExecutionProvider" in out.stderr and "CPUExecutionProvider" in out.stderr
+    assert "Traceback" not in out.stderr
