@@ -99,7 +99,6 @@ class Batcher(Generic[T, R]):
         self._queue: deque[tuple[T, Future[R]]] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._last_batch = 0
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent run sizes, for tests and /info
         self._thread = threading.Thread(target=self._loop, name=f"batch-{name}", daemon=True)
         self._thread.start()
@@ -137,14 +136,17 @@ class Batcher(Generic[T, R]):
                 self._cond.wait()
             if self._closed:
                 return None
-            if self.policy.max_wait_s > 0 and self._last_batch > 1 and len(self._queue) < self.policy.max_size:
-                # Under load (the last run was a batch) wait briefly for more; when idle, never.
+            under_load = bool(self.batch_sizes) and self.batch_sizes[-1] > 1  # the last run was a batch
+            if self.policy.max_wait_s > 0 and under_load and len(self._queue) < self.policy.max_size:
+                # Under load wait briefly for more; when idle, never.
                 deadline = time.monotonic() + self.policy.max_wait_s
                 while len(self._queue) < self.policy.max_size and not self._closed:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
+                if self._closed:  # close() emptied the queue while we waited
+                    return None
             key = self._key(self._queue[0][0])
             batch, rest = [], deque()
             while self._queue and len(batch) < self.policy.max_size:
@@ -156,7 +158,6 @@ class Batcher(Generic[T, R]):
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
-            self._last_batch = len(batch)
             self.batch_sizes.append(len(batch))
             items = [item for item, _ in batch]
             try:

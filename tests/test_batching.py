@@ -241,3 +241,22 @@ def test_search_is_answered_while_background_image_work_is_stuck(make_client):
         assert not any(f.done() for f in background)  # the search did not wait for them
         release.set()
         assert all(f.result(60).status_code == 200 for f in background)
+
+
+def test_close_while_waiting_for_a_batch_to_fill_ends_cleanly(monkeypatch):
+    crashes = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: crashes.append(args.exc_value))
+    batcher, rec, release = blocked_batcher(max_size=8)
+    batcher.policy = BatchPolicy(8, max_wait_s=30.0)
+    batcher.submit(0)
+    assert rec.started.wait(10)
+    first = batcher.submit_many([1, 2])  # queued during the run: the next run is a batch of 2
+    release.set()
+    assert [f.result(10) for f in first] == [2, 4]
+    waiting = batcher.submit(3)  # after a batch, the worker waits up to 30 s for company
+    time.sleep(0.2)  # let the worker enter that wait
+    batcher.close()
+    with pytest.raises(BatcherClosed):
+        waiting.result(10)
+    assert not batcher._thread.is_alive()
+    assert crashes == []
