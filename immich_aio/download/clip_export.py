@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 
-# cn_clip's released architectures: vision + text config (cn_clip/clip/model_configs), resolution.
+# cn_clip's released architectures: vision + text config files (cn_clip/clip/model_configs). Image sizes
+# and hub locations live with the downloader (download/clip.py RELEASES).
 ARCH_STRUCTS = {
-    "ViT-B-16": ("ViT-B-16", "RoBERTa-wwm-ext-base-chinese", 224),
-    "ViT-L-14": ("ViT-L-14", "RoBERTa-wwm-ext-base-chinese", 224),
-    "ViT-L-14-336": ("ViT-L-14-336", "RoBERTa-wwm-ext-base-chinese", 336),
-    "ViT-H-14": ("ViT-H-14", "RoBERTa-wwm-ext-large-chinese", 224),
-    "RN50": ("RN50", "RBT3-chinese", 224),
+    "ViT-B-16": ("ViT-B-16", "RoBERTa-wwm-ext-base-chinese"),
+    "ViT-L-14": ("ViT-L-14", "RoBERTa-wwm-ext-base-chinese"),
+    "ViT-L-14-336": ("ViT-L-14-336", "RoBERTa-wwm-ext-base-chinese"),
+    "ViT-H-14": ("ViT-H-14", "RoBERTa-wwm-ext-large-chinese"),
+    "RN50": ("RN50", "RBT3-chinese"),
 }
 
 EXPORT_HELP = (
@@ -44,7 +45,7 @@ def require() -> None:
 
 def arch_config(arch: str) -> dict[str, Any]:
     """cn_clip's vision + text config for a released architecture, read from its package."""
-    vision, text, _ = ARCH_STRUCTS[arch]
+    vision, text = ARCH_STRUCTS[arch]
     configs = Path(_cn_clip().__file__).parent / "model_configs"
     cfg = json.loads((configs / f"{vision}.json").read_text())
     cfg.update(json.loads((configs / f"{text}.json").read_text()))

@@ -42,12 +42,7 @@ class FaceResolver(Resolver):
                     f"Face model {requested!r} is not installed (installed: {listing}); {fetch_hint(name)}"
                 )
             raise BadRequest(f"Unknown face model {requested!r}; installed: {listing}; known packs: {', '.join(PACKS)}")
-        if type_ == DETECTION:
-            return ModelSpec(FACES, type_, name, lambda: FaceDetector(name, {"model": path}, self.factory), requested)
+        cls = FaceDetector if type_ == DETECTION else FaceRecognizer
         return ModelSpec(
-            FACES,
-            type_,
-            name,
-            lambda: FaceRecognizer(name, {"model": path}, self.factory, max_batch=self.max_batch),
-            requested,
+            FACES, type_, name, lambda: cls(name, {"model": path}, self.factory, max_batch=self.max_batch), requested
         )
