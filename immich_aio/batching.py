@@ -5,58 +5,75 @@ whatever has queued up (up to a max batch) as one ONNX Runtime run. A lone item 
 under load, items that arrive while a run executes form the next batch, so batching adds no
 latency when idle. Background runs take a slot from the shared `RunGate`; interactive runs (a
 person searching) skip it, so they never wait behind queued background work.
+
+Both queues are ordered by job age (admission order), not arrival: a request that has started
+(its detection ran) gets its recognition run before requests that have not, so under load each
+request's latency is its own work, not everyone else's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from immich_aio.jobs import Job
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 class RunGate:
-    """At most `slots` background runs at a time, granted in arrival order; interactive runs pass straight through.
+    """At most `slots` background runs at a time, granted oldest job first; interactive runs pass straight through.
 
-    FIFO hand-off matters: with a plain semaphore the model that just finished a run can take the
+    Ordered hand-off matters: with a plain semaphore the model that just finished a run can take the
     slot straight back (its queue is never empty under load) and starve every other model.
     """
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, on_wait: Callable[[float], None] | None = None) -> None:
         self.slots = max(1, slots)
         self._free = self.slots
-        self._waiting: deque[threading.Event] = deque()
+        self._waiting: list[tuple[int, int, threading.Event]] = []  # heap of (job seq, arrival, turn)
+        self._arrival = itertools.count()
         self._lock = threading.Lock()
+        self._on_wait = on_wait
 
-    def acquire(self) -> None:
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def acquire(self, priority: int = 0) -> None:
         with self._lock:
             if self._free and not self._waiting:
                 self._free -= 1
                 return
             turn = threading.Event()
-            self._waiting.append(turn)
+            heapq.heappush(self._waiting, (priority, next(self._arrival), turn))
+        started = time.perf_counter()
         turn.wait()  # the releasing thread hands its slot over directly
+        if self._on_wait is not None:
+            self._on_wait(time.perf_counter() - started)
 
     def release(self) -> None:
         with self._lock:
             if self._waiting:
-                self._waiting.popleft().set()
+                heapq.heappop(self._waiting)[2].set()
             else:
                 self._free += 1
 
     @contextlib.contextmanager
-    def slot(self, interactive: bool = False) -> Iterator[None]:
-        if interactive:
+    def slot(self, job: Job | None = None) -> Iterator[None]:
+        if job is not None and job.interactive:
             yield
             return
-        self.acquire()
+        self.acquire(job.seq if job is not None else 0)
         try:
             yield
         finally:
@@ -73,12 +90,21 @@ class BatcherClosed(RuntimeError):
     pass
 
 
+@dataclass(order=True)
+class _Queued(Generic[T, R]):
+    seq: int
+    arrival: int
+    item: T = field(compare=False)
+    future: Future = field(compare=False)
+    job: Job = field(compare=False)
+
+
 class Batcher(Generic[T, R]):
     """Runs `run(items) -> results` (same length, same order) on batches of submitted items.
 
     `key(item)` groups items that can share a run (e.g. OCR crops of one width bucket); a batch
     holds one key. If a batched run raises, its items are retried one by one, so a bad item
-    fails only its own request.
+    fails only its own request. Items whose job was cancelled before their run are dropped.
     """
 
     def __init__(
@@ -90,78 +116,101 @@ class Batcher(Generic[T, R]):
         interactive: bool = False,
         key: Callable[[T], Hashable] | None = None,
         name: str = "batcher",
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self._run = run
         self.policy = policy
         self._gate = gate
         self._interactive = interactive
         self._key = key or (lambda _item: None)
-        self._queue: deque[tuple[T, Future[R]]] = deque()
+        self._queue: list[_Queued[T, R]] = []
+        self._arrival = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
+        self._on_batch = on_batch
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent run sizes, for tests and /info
         self._thread = threading.Thread(target=self._loop, name=f"batch-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, item: T) -> Future[R]:
-        return self.submit_many([item])[0]
+    @property
+    def depth(self) -> int:
+        """Items waiting for a run."""
+        return len(self._queue)
 
-    def submit_many(self, items: Sequence[T]) -> list[Future[R]]:
+    def submit(self, item: T, job: Job) -> Future[R]:
+        return self.submit_many([item], job)[0]
+
+    def submit_many(self, items: Sequence[T], job: Job) -> list[Future[R]]:
         futures: list[Future[R]] = [Future() for _ in items]
         with self._cond:
             if self._closed:
                 raise BatcherClosed("model was unloaded")
-            self._queue.extend(zip(items, futures, strict=True))
+            for item, fut in zip(items, futures, strict=True):
+                heapq.heappush(self._queue, _Queued(job.seq, next(self._arrival), item, fut, job))
             self._cond.notify()
         return futures
 
-    def map(self, items: Sequence[T]) -> list[R]:
+    def map(self, items: Sequence[T], job: Job) -> list[R]:
         """Submit and wait: results in item order (raises the first item's error, if any)."""
-        return [f.result() for f in self.submit_many(items)]
+        return job.wait(self.submit_many(items, job))
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            pending = list(self._queue)
-            self._queue.clear()
+            pending, self._queue = self._queue, []
             self._cond.notify_all()
-        for _, fut in pending:
-            fut.set_exception(BatcherClosed("model was unloaded"))
+        for q in pending:
+            if q.future.set_running_or_notify_cancel():
+                q.future.set_exception(BatcherClosed("model was unloaded"))
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
 
-    def _take(self) -> list[tuple[T, Future[R]]] | None:
+    def _take(self) -> list[_Queued[T, R]] | None:
         with self._cond:
-            while not self._queue and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return None
-            under_load = bool(self.batch_sizes) and self.batch_sizes[-1] > 1  # the last run was a batch
-            if self.policy.max_wait_s > 0 and under_load and len(self._queue) < self.policy.max_size:
-                # Under load wait briefly for more; when idle, never.
-                deadline = time.monotonic() + self.policy.max_wait_s
-                while len(self._queue) < self.policy.max_size and not self._closed:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                if self._closed:  # close() emptied the queue while we waited
+            while True:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
                     return None
-            key = self._key(self._queue[0][0])
-            batch, rest = [], deque()
-            while self._queue and len(batch) < self.policy.max_size:
-                entry = self._queue.popleft()
-                (batch if self._key(entry[0]) == key else rest).append(entry)
-            rest.extend(self._queue)
-            self._queue = rest
-            return batch
+                under_load = bool(self.batch_sizes) and self.batch_sizes[-1] > 1  # the last run was a batch
+                if self.policy.max_wait_s > 0 and under_load and len(self._queue) < self.policy.max_size:
+                    # Under load wait briefly for more; when idle, never.
+                    deadline = time.monotonic() + self.policy.max_wait_s
+                    while len(self._queue) < self.policy.max_size and not self._closed:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    if self._closed:  # close() emptied the queue while we waited
+                        return None
+                batch: list[_Queued[T, R]] = []
+                rest: list[_Queued[T, R]] = []
+                key: Hashable = None
+                while self._queue and len(batch) < self.policy.max_size:
+                    entry = heapq.heappop(self._queue)
+                    if entry.future.cancelled():
+                        continue  # its client went away before the run: drop it
+                    k = self._key(entry.item)
+                    if not batch:
+                        key = k
+                    if k != key:
+                        rest.append(entry)
+                    elif entry.future.set_running_or_notify_cancel():
+                        batch.append(entry)
+                for entry in rest:  # other keys wait for their own run, keeping their place
+                    heapq.heappush(self._queue, entry)
+                if batch:
+                    return batch
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
             self.batch_sizes.append(len(batch))
-            items = [item for item, _ in batch]
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
+            items = [q.item for q in batch]
+            job = batch[0].job  # the oldest job in the batch decides its place at the gate
             try:
-                with self._gate.slot(self._interactive):
+                with self._gate.slot(job if not self._interactive else _INTERACTIVE):
                     results = list(self._run(items))
                 if len(results) != len(items):
                     raise RuntimeError(f"batch run returned {len(results)} results for {len(items)} items")
@@ -169,15 +218,18 @@ class Batcher(Generic[T, R]):
                 if len(batch) > 1:
                     self._run_one_by_one(batch)
                 else:
-                    batch[0][1].set_exception(e)
+                    batch[0].future.set_exception(e)
                 continue
-            for (_, fut), result in zip(batch, results, strict=True):
-                fut.set_result(result)
+            for q, result in zip(batch, results, strict=True):
+                q.future.set_result(result)
 
-    def _run_one_by_one(self, batch: list[tuple[T, Future[R]]]) -> None:
-        for item, fut in batch:
+    def _run_one_by_one(self, batch: list[_Queued[T, R]]) -> None:
+        for q in batch:
             try:
-                with self._gate.slot(self._interactive):
-                    fut.set_result(self._run([item])[0])
+                with self._gate.slot(q.job if not self._interactive else _INTERACTIVE):
+                    q.future.set_result(self._run([q.item])[0])
             except Exception as e:
-                fut.set_exception(e)
+                q.future.set_exception(e)
+
+
+_INTERACTIVE = Job(interactive=True)

@@ -29,10 +29,9 @@ def serve() -> int:
             file=sys.stderr,
         )
         return 2
-    import uvicorn
-
     from immich_aio.app import create_app
     from immich_aio.memory import limit_arenas
+    from immich_aio.serving import serve as run_server
     from immich_aio.sessions import SessionFactory
 
     try:
@@ -42,34 +41,12 @@ def serve() -> int:
         return 2
 
     limit_arenas()
-
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.bind_host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_keep_alive=int(max(1, settings.keepalive_s)),
-        timeout_graceful_shutdown=10,
-        access_log=settings.log_level == "debug",
-    )
-    server = uvicorn.Server(config)
-    if settings.bind_host == "::":
-        # asyncio makes IPv6 listeners IPv6-only; "all interfaces" must take IPv4 clients too.
-        server.run(sockets=[dual_stack_socket(settings.port)])
-    else:
-        server.run()
+    try:
+        run_server(settings, create_app(settings))
+    except OSError as e:  # the port is taken, the address does not exist here, ...
+        print(f"immich-aio: cannot listen on {settings.host}:{settings.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
-
-
-def dual_stack_socket(port: int):
-    import socket
-
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.bind(("::", port))
-    sock.set_inheritable(True)
-    return sock
 
 
 def main(argv: list[str] | None = None) -> int:

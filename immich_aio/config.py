@@ -1,19 +1,26 @@
-"""All configuration, read once from the environment.
+"""All configuration, read once from the environment and validated before anything starts.
 
 Immich ML's own variables (`MACHINE_LEARNING_*`, `IMMICH_*`) keep their meaning so an existing
-deployment can switch over unchanged; immich-aio's additions use the `IMMICH_AIO_` prefix.
-Like pydantic-settings in upstream, `MACHINE_LEARNING_*` names are matched case-insensitively.
+deployment can switch over unchanged; immich-aio's additions use the `IMMICH_AIO_` prefix. Like
+pydantic-settings in upstream, names are matched case-insensitively. A bad value stops the server
+with one line naming the variable, never a traceback from deep inside.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# (task, type) pairs that can be preloaded, with the env suffix upstream uses for each.
-PRELOAD_KEYS: dict[tuple[str, str], str] = {
+from immich_aio.errors import BadRequest
+from immich_aio.store import clean_name
+
+# (task, type) pairs with the env suffix upstream uses for each (preload, per-model TTL).
+MODEL_KEYS: dict[tuple[str, str], str] = {
     ("clip", "textual"): "CLIP__TEXTUAL",
     ("clip", "visual"): "CLIP__VISUAL",
     ("facial-recognition", "detection"): "FACIAL_RECOGNITION__DETECTION",
@@ -21,6 +28,8 @@ PRELOAD_KEYS: dict[tuple[str, str], str] = {
     ("ocr", "detection"): "OCR__DETECTION",
     ("ocr", "recognition"): "OCR__RECOGNITION",
 }
+PRELOAD_KEYS = MODEL_KEYS
+TTL_PREFIX = "MACHINE_LEARNING_MODEL_TTL__"
 
 _LOG_LEVELS = {
     "verbose": "debug",
@@ -32,59 +41,103 @@ _LOG_LEVELS = {
     "error": "error",
     "fatal": "critical",
 }
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 
 
 class ConfigError(ValueError):
-    """A variable holds a value that cannot be used."""
+    """A variable holds a value that cannot be used; the message names it and says what is accepted."""
 
 
-def _env_reader(environ: Mapping[str, str]):
-    upper = {k.upper(): v for k, v in environ.items()}
+class _Env:
+    """Case-insensitive, typed, range-checked access to the environment."""
 
-    def get(name: str, default: str | None = None) -> str | None:
-        value = upper.get(name.upper())
-        return default if value is None or value.strip() == "" else value.strip()
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.values = {k.upper(): v.strip() for k, v in environ.items() if v is not None and v.strip()}
 
-    return get
+    def raw(self, name: str) -> str | None:
+        return self.values.get(name.upper())
 
+    def number(self, name: str, default: float, lo: float, hi: float, integer: bool = False) -> float:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        what = "a whole number" if integer else "a number"
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be {what} from {lo:g} to {hi:g}, got {raw!r}") from None
+        if not math.isfinite(value) or not lo <= value <= hi or (integer and not value.is_integer()):
+            raise ConfigError(f"{name} must be {what} from {lo:g} to {hi:g}, got {raw!r}")
+        return value
 
-def _as_float(get, name: str, default: float) -> float:
-    raw = get(name)
-    if raw is None:
-        return default
-    try:
-        return float(raw)
-    except ValueError as e:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from e
+    def integer(self, name: str, default: int, lo: int, hi: int) -> int:
+        return int(self.number(name, default, lo, hi, integer=True))
 
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if raw.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
-def _as_int(get, name: str, default: int) -> int:
-    return int(_as_float(get, name, default))
+    def model_name(self, name: str, value: str) -> str:
+        try:
+            return clean_name(value)
+        except BadRequest:
+            raise ConfigError(
+                f"{name} holds {value!r}, which is not a model name (letters, digits, '_', '-', '+')"
+            ) from None
 
-
-def _as_bool(get, name: str, default: bool) -> bool:
-    raw = get(name)
-    if raw is None:
-        return default
-    if raw.lower() in {"1", "true", "yes", "on"}:
-        return True
-    if raw.lower() in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+    def names(self, name: str) -> tuple[str, ...]:
+        return tuple(self.model_name(name, part) for part in _as_list(self.raw(name)))
 
 
 def _as_list(raw: str | None) -> list[str]:
     return [part.strip() for part in (raw or "").split(",") if part.strip()]
 
 
-def _parse_aliases(raw: str | None) -> dict[str, str]:
+def _parse_aliases(env: _Env) -> dict[str, str]:
     aliases: dict[str, str] = {}
-    for pair in _as_list(raw):
+    var = "IMMICH_AIO_CLIP_ALIASES"
+    for pair in _as_list(env.raw(var)):
         immich_name, sep, served = pair.partition("=")
         if not sep or not immich_name.strip() or not served.strip():
-            raise ConfigError(f"IMMICH_AIO_CLIP_ALIASES entries look like immich_name=served_name, got {pair!r}")
-        aliases[immich_name.strip()] = served.strip()
+            raise ConfigError(f"{var} entries look like immich_name=served_name, got {pair!r}")
+        aliases[env.model_name(var, immich_name.strip())] = env.model_name(var, served.strip())
     return aliases
+
+
+def _parse_host(env: _Env) -> str:
+    host = env.raw("IMMICH_HOST") or "[::]"
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(bare)
+        return host
+    except ValueError:
+        pass
+    if _HOSTNAME.fullmatch(bare):
+        return host
+    raise ConfigError(f"IMMICH_HOST must be an IP address or host name (e.g. [::], 0.0.0.0), got {host!r}")
+
+
+def _parse_ttls(env: _Env, default: float) -> dict[tuple[str, str], float]:
+    """Per-model TTL overrides, e.g. MACHINE_LEARNING_MODEL_TTL__CLIP__TEXTUAL=0 keeps the search encoder warm."""
+    by_suffix = {suffix: key for key, suffix in MODEL_KEYS.items()}
+    ttls: dict[tuple[str, str], float] = {}
+    for var in env.values:
+        if not var.startswith(TTL_PREFIX):
+            continue
+        suffix = var[len(TTL_PREFIX) :]
+        if suffix not in by_suffix:
+            known = ", ".join(TTL_PREFIX + s for s in by_suffix)
+            raise ConfigError(f"{var} is not a model TTL setting; known: {known}")
+        ttls[by_suffix[suffix]] = max(0.0, env.number(var, default, -1e9, 1e9))
+    return ttls
 
 
 @dataclass(frozen=True)
@@ -92,8 +145,10 @@ class Settings:
     host: str = "[::]"
     port: int = 3003
     log_level: str = "info"
+    access_log: bool = False
     cache_folder: Path = Path("models")
     model_ttl: float = 300.0
+    model_ttls: dict[tuple[str, str], float] = field(default_factory=dict)
     model_ttl_poll_s: float = 10.0
     request_threads: int = 16
     intra_op_threads: int = 0
@@ -104,7 +159,10 @@ class Settings:
     preload: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
     max_upload_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 100_000_000
+    decode_budget_pixels: int = 32_000_000
+    decode_wait_s: float = 120.0
     ocr_default_model: str = "PP-OCRv6_small"
+    ocr_max_side: int = 2560
     ocr_max_batch: int = 16
     face_max_batch: int = 32
     clip_aliases: dict[str, str] = field(default_factory=dict)
@@ -112,45 +170,73 @@ class Settings:
     batch_max_wait_ms: float = 0.0
     concurrent_runs: int = 0  # 0: cores // intra-op threads on CPU, 2 with CUDA
     keepalive_s: float = 2.0
+    header_timeout_s: float = 30.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 1000
+    max_queued: int = 128
+    shutdown_grace_s: float = 8.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        get = _env_reader(os.environ if environ is None else environ)
+        env = _Env(os.environ if environ is None else environ)
         cpu_count = os.cpu_count() or 2
-        log_level = (get("IMMICH_LOG_LEVEL", "info") or "info").lower()
+        log_level = (env.raw("IMMICH_LOG_LEVEL") or "info").lower()
         if log_level not in _LOG_LEVELS:
             raise ConfigError(f"IMMICH_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
         preload = {
-            key: tuple(_as_list(get(f"MACHINE_LEARNING_PRELOAD__{suffix}")))
-            for key, suffix in PRELOAD_KEYS.items()
-            if get(f"MACHINE_LEARNING_PRELOAD__{suffix}")
+            key: names
+            for key, suffix in MODEL_KEYS.items()
+            if (names := env.names(f"MACHINE_LEARNING_PRELOAD__{suffix}"))
         }
+        # Upstream: a TTL <= 0 disables unloading.
+        model_ttl = max(0.0, env.number("MACHINE_LEARNING_MODEL_TTL", 300.0, -1e9, 1e9))
+        max_pixels = env.integer("IMMICH_AIO_MAX_PIXELS", 100_000_000, 1024, 1_000_000_000)
+        budget_mp = env.number("IMMICH_AIO_DECODE_BUDGET_MP", 32, 1, 10_000)
         return cls(
-            host=get("IMMICH_HOST", "[::]") or "[::]",
-            port=_as_int(get, "IMMICH_PORT", 3003),
+            host=_parse_host(env),
+            port=env.integer("IMMICH_PORT", 3003, 1, 65535),
             log_level=_LOG_LEVELS[log_level],
-            cache_folder=Path(get("MACHINE_LEARNING_CACHE_FOLDER", "models") or "models").expanduser(),
-            model_ttl=_as_float(get, "MACHINE_LEARNING_MODEL_TTL", 300.0),
-            model_ttl_poll_s=_as_float(get, "MACHINE_LEARNING_MODEL_TTL_POLL_S", 10.0),
+            access_log=env.boolean("IMMICH_AIO_ACCESS_LOG", False),
+            cache_folder=Path(env.raw("MACHINE_LEARNING_CACHE_FOLDER") or "models").expanduser(),
+            model_ttl=model_ttl,
+            model_ttls=_parse_ttls(env, model_ttl),
+            model_ttl_poll_s=env.number("MACHINE_LEARNING_MODEL_TTL_POLL_S", 10.0, 0.01, 86400),
             # Request threads mostly wait on batched runs, so there are more of them than cores.
-            request_threads=max(2, _as_int(get, "MACHINE_LEARNING_REQUEST_THREADS", max(16, 4 * cpu_count))),
-            intra_op_threads=_as_int(get, "MACHINE_LEARNING_MODEL_INTRA_OP_THREADS", 0),
-            inter_op_threads=_as_int(get, "MACHINE_LEARNING_MODEL_INTER_OP_THREADS", 0),
-            model_arena=_as_bool(get, "MACHINE_LEARNING_MODEL_ARENA", False),
-            device_id=_as_int(get, "MACHINE_LEARNING_DEVICE_ID", 0),
-            providers=tuple(_as_list(get("IMMICH_AIO_PROVIDERS"))),
+            request_threads=env.integer("MACHINE_LEARNING_REQUEST_THREADS", max(16, 4 * cpu_count), 1, 1024),
+            intra_op_threads=env.integer("MACHINE_LEARNING_MODEL_INTRA_OP_THREADS", 0, 0, 1024),
+            inter_op_threads=env.integer("MACHINE_LEARNING_MODEL_INTER_OP_THREADS", 0, 0, 1024),
+            model_arena=env.boolean("MACHINE_LEARNING_MODEL_ARENA", False),
+            device_id=env.integer("MACHINE_LEARNING_DEVICE_ID", 0, 0, 1024),
+            providers=tuple(_as_list(env.raw("IMMICH_AIO_PROVIDERS"))),
             preload=preload,
-            max_upload_bytes=int(_as_float(get, "IMMICH_AIO_MAX_UPLOAD_MB", 64) * 1024 * 1024),
-            max_pixels=_as_int(get, "IMMICH_AIO_MAX_PIXELS", 100_000_000),
-            ocr_default_model=get("IMMICH_AIO_OCR_MODEL", "PP-OCRv6_small") or "PP-OCRv6_small",
-            ocr_max_batch=max(1, _as_int(get, "MACHINE_LEARNING_MAX_BATCH_SIZE__OCR", 16)),
-            face_max_batch=max(1, _as_int(get, "MACHINE_LEARNING_MAX_BATCH_SIZE__FACIAL_RECOGNITION", 32)),
-            clip_aliases=_parse_aliases(get("IMMICH_AIO_CLIP_ALIASES")),
-            batch_max_size=max(0, _as_int(get, "IMMICH_AIO_BATCH_MAX_SIZE", 0)),
-            batch_max_wait_ms=max(0.0, _as_float(get, "IMMICH_AIO_BATCH_MAX_WAIT_MS", 0.0)),
-            concurrent_runs=max(0, _as_int(get, "IMMICH_AIO_CONCURRENT_RUNS", 0)),
-            keepalive_s=_as_float(get, "MACHINE_LEARNING_HTTP_KEEPALIVE_TIMEOUT_S", 2.0),
+            max_upload_bytes=int(env.number("IMMICH_AIO_MAX_UPLOAD_MB", 64, 0.01, 1024) * 1024 * 1024),
+            max_pixels=max_pixels,
+            # Decoded images held at once; one image larger than the budget still runs, alone.
+            decode_budget_pixels=int(budget_mp * 1_000_000),
+            decode_wait_s=env.number("IMMICH_AIO_DECODE_WAIT_S", 120.0, 0.1, 3600),
+            ocr_default_model=env.model_name(
+                "IMMICH_AIO_OCR_MODEL", env.raw("IMMICH_AIO_OCR_MODEL") or "PP-OCRv6_small"
+            ),
+            ocr_max_side=env.integer("IMMICH_AIO_OCR_MAX_SIDE", 2560, 256, 16384),
+            ocr_max_batch=env.integer("MACHINE_LEARNING_MAX_BATCH_SIZE__OCR", 16, 1, 1024),
+            face_max_batch=env.integer("MACHINE_LEARNING_MAX_BATCH_SIZE__FACIAL_RECOGNITION", 32, 1, 1024),
+            clip_aliases=_parse_aliases(env),
+            batch_max_size=env.integer("IMMICH_AIO_BATCH_MAX_SIZE", 0, 0, 1024),
+            batch_max_wait_ms=env.number("IMMICH_AIO_BATCH_MAX_WAIT_MS", 0.0, 0, 1000),
+            concurrent_runs=env.integer("IMMICH_AIO_CONCURRENT_RUNS", 0, 0, 256),
+            keepalive_s=env.number("MACHINE_LEARNING_HTTP_KEEPALIVE_TIMEOUT_S", 2.0, 0.1, 3600),
+            header_timeout_s=env.number("IMMICH_AIO_HEADER_TIMEOUT_S", 30.0, 0.1, 3600),
+            body_timeout_s=env.number("IMMICH_AIO_BODY_TIMEOUT_S", 60.0, 0.1, 3600),
+            max_connections=env.integer("IMMICH_AIO_MAX_CONNECTIONS", 1000, 8, 100_000),
+            # Requests admitted at once (reading, queued or running); each holds its upload (spooled to
+            # disk past 1 MB), so this bounds what queued work can cost. More gets a 503.
+            max_queued=env.integer("IMMICH_AIO_MAX_QUEUED", 128, 1, 100_000),
+            shutdown_grace_s=env.number("IMMICH_AIO_SHUTDOWN_GRACE_S", 8.0, 0, 3600),
         )
+
+    def ttl_for(self, task: str, type_: str) -> float:
+        """Seconds idle before this kind of model unloads; 0 keeps it loaded."""
+        return self.model_ttls.get((task, type_), self.model_ttl)
 
     @property
     def bind_host(self) -> str:

@@ -1,4 +1,8 @@
-"""Errors that become HTTP responses: each carries its status and a message for the client."""
+"""Errors that become HTTP responses: each carries its status, a message for the client, and what it concerned.
+
+The context (task, type, requested name, the model that would have served it) is filled in where
+it is known, so the one log line written for every refusal says what an operator needs to act.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,29 @@ class PredictError(Exception):
 
     status = 500
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, served: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.task: str | None = None
+        self.type: str | None = None
+        self.requested: str | None = None
+        self.served = served
+
+    def about(self, task: str, type_: str, requested: str, served: str | None = None) -> PredictError:
+        """Attach the entry this error concerns (kept if already set by a more precise caller)."""
+        self.task = self.task or task
+        self.type = self.type or type_
+        self.requested = self.requested or requested
+        self.served = self.served or served
+        return self
 
 
 class BadRequest(PredictError):
     status = 400
+
+
+class RequestTimeout(PredictError):
+    status = 408
 
 
 class InvalidEntries(PredictError):
@@ -23,6 +43,12 @@ class InvalidEntries(PredictError):
 
 class PayloadTooLarge(PredictError):
     status = 413
+
+
+class ServiceUnavailable(PredictError):
+    """Busy or shutting down: the request was not run and may be sent again."""
+
+    status = 503
 
 
 class ModelLoadError(PredictError):
@@ -35,3 +61,9 @@ class ModelMissing(BadRequest):
 
 class InferenceError(PredictError):
     status = 500
+
+
+class ClientGone(PredictError):
+    """The client closed the connection; nobody reads the answer (logged at INFO, never sent)."""
+
+    status = 499

@@ -3,17 +3,28 @@
 Immich sends upright previews, so EXIF orientation is deliberately not applied (as upstream).
 Only the formats Immich can produce are opened, which keeps exotic PIL plugins (EPS, which
 shells out to Ghostscript, and friends) out of reach of uploaded bytes.
+
+Decoded pixels are the largest per-request memory, so they are held within one `PixelBudget`
+shared by all requests: a request decodes when its pixels fit, oldest request first, instead of
+every queued request expanding its upload at once.
 """
 
 from __future__ import annotations
 
+import heapq
 import io
+import threading
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from immich_aio.errors import BadRequest, PayloadTooLarge
+from immich_aio.errors import BadRequest, PayloadTooLarge, ServiceUnavailable
+from immich_aio.jobs import Job
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _ACCEPTED_TEXT = "JPEG, PNG, WebP, GIF (first frame), BMP, TIFF"
@@ -22,29 +33,49 @@ _ACCEPTED_TEXT = "JPEG, PNG, WebP, GIF (first frame), BMP, TIFF"
 # would otherwise fire at a different, fixed threshold.
 Image.MAX_IMAGE_PIXELS = None
 
+ImageSource = bytes | BinaryIO
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode to a contiguous HxWx3 uint8 RGB array; alpha is dropped, not composited."""
-    if not data:
-        raise BadRequest(f"The image part is empty; send an image file ({_ACCEPTED_TEXT})")
+
+def _open(source: ImageSource) -> Image.Image:
+    if isinstance(source, bytes | bytearray):
+        if not source:
+            raise BadRequest(f"The image part is empty; send an image file ({_ACCEPTED_TEXT})")
+        stream: BinaryIO = io.BytesIO(source)
+    else:
+        stream = source
+        stream.seek(0)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            return Image.open(stream, formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError as e:
+        if stream.seek(0, io.SEEK_END) == 0:
+            raise BadRequest(f"The image part is empty; send an image file ({_ACCEPTED_TEXT})") from e
         raise BadRequest(f"The image could not be decoded; accepted formats: {_ACCEPTED_TEXT}") from e
     except Exception as e:  # truncated headers and other malformed input
         raise BadRequest(f"The image could not be decoded ({e}); accepted formats: {_ACCEPTED_TEXT}") from e
 
-    with image:
-        width, height = image.size
-        if width <= 0 or height <= 0:
-            raise BadRequest("Image has zero width or height")
-        if width * height > max_pixels:
-            raise PayloadTooLarge(
-                f"Image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
-                f"(IMMICH_AIO_MAX_PIXELS)"
-            )
+
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise BadRequest("Image has zero width or height")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"Image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} (IMMICH_AIO_MAX_PIXELS)"
+        )
+
+
+def probe(source: ImageSource, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the header alone; 400/413 before a single pixel is decoded."""
+    with _open(source) as image:
+        _check_size(*image.size, max_pixels)
+        return image.size
+
+
+def decode_image(source: ImageSource, max_pixels: int) -> np.ndarray:
+    """Decode to a contiguous HxWx3 uint8 RGB array; alpha is dropped, not composited."""
+    with _open(source) as image:
+        _check_size(*image.size, max_pixels)
         try:
             image.seek(0)
             with warnings.catch_warnings():
@@ -70,3 +101,51 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         arr = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
+
+
+class PixelBudget:
+    """Decoded pixels held at once, across all requests; waiters are served oldest job first.
+
+    An image larger than the whole budget still runs, once nothing else holds any of it, so the
+    budget bounds memory without refusing images the pixel limit allows.
+    """
+
+    def __init__(self, total: int, wait_s: float) -> None:
+        self.total = total
+        self.wait_s = wait_s
+        self.used = 0
+        self._waiting: list[int] = []  # heap of job seqs
+        self._cond = threading.Condition()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @contextmanager
+    def hold(self, pixels: int, job: Job) -> Iterator[None]:
+        need = min(pixels, self.total)
+        deadline = time.monotonic() + self.wait_s
+        with self._cond:
+            heapq.heappush(self._waiting, job.seq)
+            try:
+                while not (self._waiting[0] == job.seq and (self.used + need <= self.total or self.used == 0)):
+                    job.check()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ServiceUnavailable(
+                            f"Busy: waited {self.wait_s:g} s for memory to decode a {pixels / 1e6:.1f} MP image "
+                            f"({self.used / 1e6:.1f} of {self.total / 1e6:g} MP in use, IMMICH_AIO_DECODE_BUDGET_MP); "
+                            "try again later"
+                        )
+                    self._cond.wait(min(left, 0.25))  # wake up now and then to notice a client that left
+            finally:
+                self._waiting.remove(job.seq)
+                heapq.heapify(self._waiting)
+                self._cond.notify_all()
+            self.used += need
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= need
+                self._cond.notify_all()

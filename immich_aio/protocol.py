@@ -78,12 +78,12 @@ def parse_entries(raw: str | bytes | None) -> list[Entry]:
             if not isinstance(spec, dict):
                 raise InvalidEntries(f'entries["{task}"]["{type_}"] must be an object with "modelName"')
             name = spec.get("modelName")
-            if not isinstance(name, str) or not name.strip():
+            if not isinstance(name, str) or not name:
                 raise InvalidEntries(f'entries["{task}"]["{type_}"].modelName must be a non-empty string')
             options = spec.get("options") or {}
             if not isinstance(options, dict):
                 raise InvalidEntries(f'entries["{task}"]["{type_}"].options must be an object')
-            entries.append(Entry(task, type_, name.strip(), options))
+            entries.append(Entry(task, type_, name, options))
 
     present = {(e.task, e.type) for e in entries}
     for e in entries:
@@ -97,14 +97,26 @@ def parse_entries(raw: str | bytes | None) -> list[Entry]:
 
 
 def check_payload(entries: Iterable[Entry], has_image: bool, has_text: bool) -> None:
-    """The request carries the payload its entries need: text for CLIP textual, else an image."""
+    """Each entry takes the part it needs (text for CLIP textual, else the image); parts nobody needs are ignored.
+
+    A request may carry both parts. Both CLIP types at once is refused: the response has one `clip` key.
+    """
+    entries = list(entries)
     if not has_image and not has_text:
         raise BadRequest("Either image or text must be provided")
+    if {(e.task, e.type) for e in entries} >= {(CLIP, VISUAL), (CLIP, TEXTUAL)}:
+        raise BadRequest(
+            "clip.visual and clip.textual cannot share a request (both would answer under 'clip'); send them separately"
+        )
     for e in entries:
         if e.needs_text and not has_text:
-            raise BadRequest(f"{e.task}.{e.type} needs a 'text' field; it got an image")
+            raise BadRequest(f"{e.task}.{e.type} needs a 'text' field; it got an image").about(
+                e.task, e.type, e.model_name
+            )
         if not e.needs_text and not has_image:
-            raise BadRequest(f"{e.task}.{e.type} needs an 'image' file part; it got text")
+            raise BadRequest(f"{e.task}.{e.type} needs an 'image' file part; it got text").about(
+                e.task, e.type, e.model_name
+            )
 
 
 def option_float(options: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:

@@ -1,6 +1,12 @@
-"""The model registry: (task, type, name) to a loaded model, loaded once, unloaded when idle.
+"""The model registry: (task, type, name) to a loaded model, loaded once, unloaded when idle, swapped when reinstalled.
 
 Thread-based because models load and run on worker threads; the event loop only schedules.
+
+Every use compares the model's installation identity (a few stat calls) with the one it was
+loaded from. When `immich-aio models ...` (or anything else) replaced the files, the next request
+loads the new installation; runs already holding the old model finish on it, and it is closed
+when the last of them is done. The files' sizes and hashes are recorded at load time, so /info
+describes what is running, not whatever is on disk now.
 """
 
 from __future__ import annotations
@@ -10,14 +16,20 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from immich_aio.errors import ModelLoadError, PredictError
 from immich_aio.memory import trim
 from immich_aio.models.base import Model, ModelSpec, Resolver
+from immich_aio.store import FileIdentity, FileInfo, ModelStore
 
 log = logging.getLogger(__name__)
+
+MAX_REQUESTED_NAMES = 8  # per model, for /info; client-chosen, so bounded
+LOAD_ATTEMPTS = 3  # files that keep changing while they load are given up on after this
 
 
 @dataclass
@@ -25,86 +37,168 @@ class _Slot:
     lock: threading.Lock = field(default_factory=threading.Lock)
     model: Model | None = None
     spec: ModelSpec | None = None
+    identity: tuple[FileIdentity, ...] = ()
+    files: dict[str, FileInfo] = field(default_factory=dict)  # recorded when loaded
+    loaded_at: float = 0.0
     last_used: float = 0.0
-    active: int = 0
     pinned: bool = False
-    requested_names: set[str] = field(default_factory=set)
+    requested: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+
+Listener = Callable[[str, tuple[str, str, str], float], None]  # (event, key, seconds)
 
 
 class ModelRegistry:
-    def __init__(self, resolvers: dict[str, Resolver], ttl_s: float, clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        resolvers: dict[str, Resolver],
+        ttl_for: Callable[[str, str], float] | float,
+        store: ModelStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        listener: Listener | None = None,
+    ) -> None:
         self.resolvers = resolvers
-        self.ttl_s = ttl_s
+        self._ttl_for = ttl_for if callable(ttl_for) else (lambda _task, _type, ttl=ttl_for: ttl)
+        self.store = store
         self._clock = clock
+        self._listener = listener or (lambda event, key, seconds: None)
         self._slots: dict[tuple[str, str, str], _Slot] = {}
         self._lock = threading.Lock()
 
     def resolve(self, task: str, type_: str, requested: str) -> ModelSpec:
         return self.resolvers[task].resolve(type_, requested)
 
+    def ttl(self, task: str, type_: str) -> float:
+        return self._ttl_for(task, type_)
+
     def _slot(self, key: tuple[str, str, str]) -> _Slot:
+        # Keys are served model names (store folders or built-ins), never raw client strings.
         with self._lock:
             return self._slots.setdefault(key, _Slot())
 
+    def _build(self, spec: ModelSpec) -> tuple[Model, tuple[FileIdentity, ...], dict[str, FileInfo]]:
+        """Load a model whose files did not change while loading; record what was loaded."""
+        for _attempt in range(LOAD_ATTEMPTS):
+            before = spec.identity()
+            started = time.perf_counter()
+            try:
+                model = spec.build()
+                model.load()
+            except PredictError:
+                self._listener("load_failed", spec.key, time.perf_counter() - started)
+                raise
+            except Exception as e:  # a broken file must not poison the slot: the next request retries
+                self._listener("load_failed", spec.key, time.perf_counter() - started)
+                log.warning("Failed to load %s/%s/%s: %s", *spec.key, e)
+                raise ModelLoadError(
+                    f"Failed to load model '{spec.name}' ({spec.task}.{spec.type}): {e}", served=spec.name
+                ) from e
+            files = self._describe(model)
+            if spec.identity() == before:
+                self._listener("loaded", spec.key, time.perf_counter() - started)
+                log.info("Loaded %s/%s/%s in %.2fs", *spec.key, time.perf_counter() - started)
+                return model, before, files
+            log.info("%s/%s/%s changed on disk while loading; loading it again", *spec.key)
+            model.close()
+        raise ModelLoadError(
+            f"Model '{spec.name}' ({spec.task}.{spec.type}) kept changing on disk while loading; "
+            "is an install still running? Try again when it has finished",
+            served=spec.name,
+        )
+
+    def _describe(self, model: Model) -> dict[str, FileInfo]:
+        if self.store is None:
+            return {}
+        out = {}
+        for role, path in model.files.items():
+            try:
+                out[role] = self.store.describe(path)
+            except OSError:
+                continue
+        return out
+
     def load(self, spec: ModelSpec, pin: bool = False) -> Model:
         """Load (once, however many threads ask at the same time) and return the model."""
-        slot = self._slot(spec.key)
-        with slot.lock:
-            if slot.model is None:
-                started = time.perf_counter()
-                try:
-                    model = spec.build()
-                    model.load()
-                except PredictError:
-                    raise
-                except Exception as e:  # a broken file must not poison the slot: next request retries
-                    log.exception("Failed to load %s/%s/%s", *spec.key)
-                    raise ModelLoadError(f"Failed to load model '{spec.name}' ({spec.task}.{spec.type}): {e}") from e
-                slot.model, slot.spec = model, spec
-                log.info("Loaded %s/%s/%s in %.2fs", *spec.key, time.perf_counter() - started)
-            slot.pinned = slot.pinned or pin
-            if spec.requested:
-                slot.requested_names.add(spec.requested)
-            slot.last_used = self._clock()
-            return slot.model
+        with self._hold(spec, pin) as model:
+            return model
 
     @contextlib.contextmanager
     def use(self, spec: ModelSpec) -> Iterator[Model]:
-        """A model held for the duration of one run: the reaper never unloads a model in use."""
+        """A model held for the duration of one run: it is never closed while a run holds it."""
+        with self._hold(spec) as model:
+            yield model
+
+    @contextlib.contextmanager
+    def _hold(self, spec: ModelSpec, pin: bool = False) -> Iterator[Model]:
         slot = self._slot(spec.key)
-        with self._lock:
-            slot.active += 1
+        current = spec.identity()
+        with slot.lock:
+            if slot.model is None or slot.identity != current:
+                old = slot.model
+                model, loaded_identity, files = self._build(spec)
+                with self._lock:
+                    slot.model, slot.spec, slot.identity, slot.files = model, spec, loaded_identity, files
+                    slot.loaded_at = time.time()
+                if old is not None:
+                    log.info("%s/%s/%s was reinstalled: now serving the new files", *spec.key)
+                    self._retire(old)
+            with self._lock:
+                model = slot.model
+                assert model is not None
+                model.users += 1
+                slot.pinned = slot.pinned or pin
+                if spec.requested:
+                    slot.requested[spec.requested] = None
+                    slot.requested.move_to_end(spec.requested)
+                    while len(slot.requested) > MAX_REQUESTED_NAMES:
+                        slot.requested.popitem(last=False)
+                slot.last_used = self._clock()
         try:
-            yield self.load(spec)
+            yield model
         finally:
             with self._lock:
-                slot.active -= 1
+                model.users -= 1
                 slot.last_used = self._clock()
+                close_now = model.retired and model.users == 0
+            if close_now:
+                self._close(model, spec.key, "replaced")
+
+    def _retire(self, model: Model) -> None:
+        with self._lock:
+            model.retired = True
+            close_now = model.users == 0
+        if close_now:
+            self._close(model, (model.task, model.type, model.name), "replaced")
+
+    def _close(self, model: Model, key: tuple[str, str, str], why: str) -> None:
+        model.close()
+        self._listener("unloaded", key, 0.0)
+        log.info("Unloaded %s/%s/%s (%s)", *key, why)
 
     def reap(self) -> list[tuple[str, str, str]]:
-        """Unload every model idle longer than the TTL; returns what was unloaded."""
-        if self.ttl_s <= 0:
-            return []
+        """Unload every model idle longer than its TTL; returns what was unloaded."""
         now = self._clock()
         unloaded = []
         with self._lock:
-            candidates = [
-                (key, slot)
-                for key, slot in self._slots.items()
-                if slot.model is not None and not slot.pinned and slot.active == 0 and now - slot.last_used > self.ttl_s
-            ]
-        for key, slot in candidates:
+            candidates = []
+            for key, slot in self._slots.items():
+                ttl = self.ttl(key[0], key[1])
+                model = slot.model
+                if model is None or slot.pinned or ttl <= 0 or model.users or now - slot.last_used <= ttl:
+                    continue
+                candidates.append((key, slot, ttl))
+        for key, slot, ttl in candidates:
             if not slot.lock.acquire(blocking=False):
-                continue
+                continue  # being (re)loaded right now
             try:
                 with self._lock:
-                    if slot.active or slot.model is None or now - slot.last_used <= self.ttl_s:
+                    model = slot.model
+                    if model is None or model.users or now - slot.last_used <= ttl:
                         continue
-                    model, slot.model = slot.model, None
-                model.close()
+                    slot.model, slot.files = None, {}
+                self._close(model, key, f"idle for {now - slot.last_used:.0f}s")
                 del model
                 unloaded.append(key)
-                log.info("Unloaded %s/%s/%s after %.0fs idle", *key, now - slot.last_used)
             finally:
                 slot.lock.release()
         if unloaded:
@@ -112,21 +206,39 @@ class ModelRegistry:
             trim()
         return unloaded
 
-    def unload_all(self) -> None:
+    def unload_all(self) -> list[tuple[str, str, str]]:
+        """Unload every model that no run holds (e.g. on MT Photos' /restart); returns what was unloaded."""
         with self._lock:
-            slots = list(self._slots.values())
-        for slot in slots:
+            slots = list(self._slots.items())
+        unloaded = []
+        for key, slot in slots:
             with slot.lock:
-                if slot.model is not None:
-                    slot.model.close()
-                    slot.model = None
+                with self._lock:
+                    model = slot.model
+                    if model is None:
+                        continue
+                    slot.model, slot.files = None, {}
+                    model.retired = True
+                    close_now = model.users == 0
+                if close_now:
+                    self._close(model, key, "unloaded on request")
+                unloaded.append(key)
         gc.collect()
         trim()
+        return unloaded
 
-    def loaded(self) -> list[tuple[ModelSpec, Model, set[str], bool]]:
+    def loaded(self) -> list[dict[str, Any]]:
+        """What is loaded now, with the files as they were when loaded."""
         with self._lock:
             return [
-                (slot.spec, slot.model, set(slot.requested_names), slot.pinned)
+                {
+                    "spec": slot.spec,
+                    "model": slot.model,
+                    "requested": list(slot.requested),
+                    "pinned": slot.pinned,
+                    "files": dict(slot.files),
+                    "loadedAt": slot.loaded_at,
+                }
                 for slot in self._slots.values()
                 if slot.model is not None and slot.spec is not None
             ]

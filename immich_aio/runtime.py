@@ -1,4 +1,8 @@
-"""Everything a running server owns: store, session factory, registry, worker pool, reaper."""
+"""Everything a running server owns: store, session factory, registry, pixel budget, worker pools, reaper.
+
+It also knows which jobs are in flight, so that a client that leaves can have its queued work
+dropped, and a shutdown can let running work finish while refusing anything new.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +18,14 @@ import onnxruntime as ort
 
 from immich_aio import __version__
 from immich_aio.config import Settings
-from immich_aio.errors import PredictError
+from immich_aio.errors import PredictError, ServiceUnavailable
+from immich_aio.imaging import PixelBudget
+from immich_aio.jobs import Job
 from immich_aio.models.base import Resolver
 from immich_aio.names.clip import ClipResolver
 from immich_aio.names.faces import FaceResolver
 from immich_aio.names.ocr import OcrResolver
+from immich_aio.pipeline import Engine
 from immich_aio.protocol import CLIP, FACES, OCR
 from immich_aio.registry import ModelRegistry
 from immich_aio.sessions import SessionFactory
@@ -32,7 +39,7 @@ def build_resolvers(settings: Settings, store: ModelStore, factory: SessionFacto
     return {
         CLIP: ClipResolver(store, factory, settings.clip_aliases),
         FACES: FaceResolver(store, factory, settings.face_max_batch),
-        OCR: OcrResolver(store, factory, settings.ocr_default_model, settings.ocr_max_batch),
+        OCR: OcrResolver(store, factory, settings.ocr_default_model, settings.ocr_max_batch, settings.ocr_max_side),
     }
 
 
@@ -45,20 +52,47 @@ class Runtime:
         self.interactive = ThreadPoolExecutor(4, thread_name_prefix="search")
         self.store = ModelStore(settings.cache_folder)
         self.factory = SessionFactory(settings)
-        self.registry = ModelRegistry(build_resolvers(settings, self.store, self.factory), settings.model_ttl)
+        self.registry = ModelRegistry(
+            build_resolvers(settings, self.store, self.factory), settings.ttl_for, store=self.store
+        )
+        self.budget = PixelBudget(settings.decode_budget_pixels, settings.decode_wait_s)
+        self.engine = Engine(self.registry, self.budget, settings.max_pixels)
+        self.jobs: set[Job] = set()  # admitted and not yet answered
+        self.draining = False
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def run(self, fn: Callable[..., T], *args: Any, interactive: bool = False) -> T:
         pool = self.interactive if interactive else self.executor
         return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
+    def admit(self, interactive: bool = False) -> Job:
+        """A job for a new request, or a 503 when shutting down or the queue is full."""
+        if self.draining:
+            raise ServiceUnavailable("Shutting down: not taking new work; send it to another server or try again")
+        if len(self.jobs) >= self.settings.max_queued:
+            raise ServiceUnavailable(
+                f"Busy: {len(self.jobs)} requests are already queued (IMMICH_AIO_MAX_QUEUED); try again later"
+            )
+        job = Job(interactive=interactive)
+        self.jobs.add(job)
+        return job
+
+    def done(self, job: Job) -> None:
+        self.jobs.discard(job)
+
+    def cancel_queued(self, error: PredictError) -> int:
+        """Shutdown past its grace period: every job still waiting is answered with `error`."""
+        jobs = list(self.jobs)
+        for job in jobs:
+            job.cancel(error)
+        return len(jobs)
+
     async def start(self) -> None:
         # Preloading runs in the background: /ping answers from the first moment, and a request for a
         # model still loading simply waits for that one load.
         if self.settings.preload:
             self._tasks.append(asyncio.create_task(self.run(self.preload)))
-        if self.settings.model_ttl > 0:
-            self._tasks.append(asyncio.create_task(self._reap_forever()))
+        self._tasks.append(asyncio.create_task(self._reap_forever()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -81,39 +115,42 @@ class Runtime:
                     log.error("Preload of %s.%s %r failed: %s", task, type_, name, getattr(e, "detail", e))
 
     async def _reap_forever(self) -> None:
-        poll = self.settings.model_ttl_poll_s
-        poll = poll if poll > 0 else max(self.settings.model_ttl / 2, 0.05)
         while True:
-            await asyncio.sleep(poll)
+            await asyncio.sleep(self.settings.model_ttl_poll_s)
             try:
                 await self.run(self.registry.reap)
             except RuntimeError:  # executor already shut down
                 return
 
     def _served_files(self) -> dict[str, dict[str, dict[str, dict[str, object]]]]:
-        """For every model that answers an alias, its files with size and sha256 (loaded or not)."""
+        """For every model that answers an alias, its files with size and sha256 as on disk now (loaded or not)."""
         out: dict[str, dict[str, dict[str, dict[str, object]]]] = {}
         for task, resolver in self.registry.resolvers.items():
             for served in sorted(set(resolver.aliases().values())):
-                files = resolver.files(served)
+                files = {}
+                for role, path in resolver.files(served).items():
+                    try:
+                        files[role] = self.store.describe(path).as_dict()
+                    except OSError as e:
+                        files[role] = {"path": str(path), "error": f"unreadable: {e.strerror or e}"}
                 if files:
-                    out.setdefault(task, {})[served] = {
-                        role: self.store.describe(p).as_dict() for role, p in files.items()
-                    }
+                    out.setdefault(task, {})[served] = files
         return out
 
     def info(self) -> dict[str, Any]:
         models = []
-        for spec, model, requested, pinned in self.registry.loaded():
+        for entry in self.registry.loaded():
+            spec, model = entry["spec"], entry["model"]
             models.append(
                 {
                     "task": spec.task,
                     "type": spec.type,
                     "name": spec.name,
-                    "answersTo": sorted(requested),
-                    "files": {role: self.store.describe(path).as_dict() for role, path in model.files.items()},
+                    "answersTo": sorted(entry["requested"]),
+                    "files": {role: info.as_dict() for role, info in entry["files"].items()},
                     "providers": model.providers(),
-                    "preloaded": pinned,
+                    "preloaded": entry["pinned"],
+                    "ttlSeconds": self.registry.ttl(spec.task, spec.type),
                     "recentBatchSizes": list(model.batcher.batch_sizes)[-20:] if model.batcher else [],
                 }
             )
@@ -131,4 +168,5 @@ class Runtime:
             "models": sorted(models, key=lambda m: (m["task"], m["type"], m["name"])),
             "aliases": {task: r.aliases() for task, r in self.registry.resolvers.items()},
             "servedFiles": self._served_files(),
+            "skippedStoreEntries": self.store.skipped(),
         }

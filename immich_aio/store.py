@@ -1,31 +1,60 @@
 """The model store on disk, in Immich ML's layout `<root>/<task>/<name>/<type>/model.onnx`.
 
 Every name that reaches the filesystem goes through `clean_name` and `ModelStore.path`, which
-refuse anything that could resolve outside the store.
+refuse anything that could resolve outside the store. A store entry that is itself bad (a folder
+that is a symlink leaving the store, say) is skipped, logged once and listed, and affects nothing
+else.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import re
 import threading
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from immich_aio.errors import BadRequest
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-]*$")
+log = logging.getLogger(__name__)
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+\-]*")
+MAX_NAME = 200
+TASKS = ("clip", "facial-recognition", "ocr")
 
 
 def clean_name(name: str) -> str:
     """Clean a model name exactly as Immich ML does: last `/` segment, `:` and `\\` to `_`, no dots."""
     cleaned = name.split("/")[-1].replace(":", "_").replace("\\", "_").replace(".", "")
-    if not _SAFE_NAME.match(cleaned) or len(cleaned) > 200:
+    if len(cleaned) > MAX_NAME or not _SAFE_NAME.fullmatch(cleaned):
+        shown = name if len(name) <= 80 else name[:60] + f"... ({len(name)} characters)"
         raise BadRequest(
-            f"Model name {name!r} is not a valid model name (letters, digits, '_', '-', '+'; an optional 'org/' prefix)"
+            f"Model name {shown!r} is not a valid model name "
+            "(letters, digits, '_', '-', '+'; an optional 'org/' prefix)"
         )
     return cleaned
+
+
+FileIdentity = tuple[int, int, int, int] | None
+
+
+def file_identity(path: Path) -> FileIdentity:
+    """(device, inode, size, mtime): changes when a file is replaced or rewritten; None when missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def identity(paths: Iterable[Path]) -> tuple[FileIdentity, ...]:
+    """The installation identity of a model: a few stat calls, cheap enough for every request."""
+    return tuple(file_identity(p) for p in paths)
 
 
 @dataclass(frozen=True)
@@ -39,10 +68,13 @@ class FileInfo:
 
 
 class ModelStore:
+    HASH_CACHE = 256  # file versions whose sha256 is remembered
+
     def __init__(self, root: Path) -> None:
         self.root = root.expanduser().resolve()
-        self._hashes: dict[tuple[str, int, int], str] = {}
+        self._hashes: OrderedDict[tuple, str] = OrderedDict()
         self._lock = threading.Lock()
+        self._skipped: dict[str, str] = {}  # "task/name" -> why, for /info (bounded by what is on disk)
 
     def path(self, *parts: str) -> Path:
         """A path inside the store; raises if the parts would leave it."""
@@ -55,31 +87,65 @@ class ModelStore:
         return self.path(task, clean_name(name))
 
     def names(self, task: str) -> list[str]:
-        """Folder names present under a task, in sorted order."""
+        """Usable folder names under a task, sorted; bad entries are skipped and reported once."""
         task_dir = self.path(task)
         if not task_dir.is_dir():
             return []
-        return sorted(p.name for p in task_dir.iterdir() if p.is_dir() and _SAFE_NAME.match(p.name))
+        out = []
+        for entry in sorted(task_dir.iterdir()):
+            if entry.name.startswith("."):
+                continue  # staging and download folders
+            why = None
+            if not _SAFE_NAME.fullmatch(entry.name) or len(entry.name) > MAX_NAME:
+                why = "the folder name is not a model name"
+            else:
+                try:
+                    resolved = entry.resolve()
+                except OSError as e:
+                    why = f"cannot be resolved ({e})"
+                else:
+                    if not resolved.is_relative_to(self.root):
+                        why = f"it leads outside the store (to {resolved})"
+            if why is None:
+                if entry.is_dir():
+                    out.append(entry.name)
+                continue
+            key = f"{task}/{entry.name[:MAX_NAME]}"
+            with self._lock:
+                new = key not in self._skipped
+                self._skipped[key] = why
+            if new:
+                log.warning("Skipping %s in the model store: %s", key, why)
+        return out
+
+    def skipped(self) -> dict[str, str]:
+        """Store entries that are ignored, with the reason, for /info."""
+        with self._lock:
+            return dict(self._skipped)
 
     def describe(self, path: Path) -> FileInfo:
-        """Path (inside the store where possible), size and sha256 of a model file, cached by mtime.
+        """Path (inside the store where possible), size and sha256 of a model file, cached by file identity.
 
         The sha256 comes from the install manifest when that is newer than the file, else it is computed.
         """
         stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        key = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
         with self._lock:
             digest = self._hashes.get(key)
+            if digest is not None:
+                self._hashes.move_to_end(key)
         if digest is None:
             digest = _from_manifest(path, stat) or sha256_file(path)
             with self._lock:
                 self._hashes[key] = digest
+                while len(self._hashes) > self.HASH_CACHE:
+                    self._hashes.popitem(last=False)
         resolved = path.resolve()
         shown = str(resolved.relative_to(self.root)) if resolved.is_relative_to(self.root) else str(resolved)
         return FileInfo(shown, stat.st_size, digest)
 
 
-def _from_manifest(path: Path, stat) -> str | None:
+def _from_manifest(path: Path, stat: os.stat_result) -> str | None:
     """sha256 recorded by `immich-aio models` for this file, if the file has not changed since."""
     for folder in path.parents:
         manifest = folder / "manifest.json"
@@ -93,7 +159,7 @@ def _from_manifest(path: Path, stat) -> str | None:
             if entry and entry.get("size") == stat.st_size:
                 return entry.get("sha256")
             return None
-        if folder.name in {"clip", "facial-recognition", "ocr"}:
+        if folder.name in TASKS:
             return None
     return None
 

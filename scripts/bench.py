@@ -175,7 +175,7 @@ def raw_throughput(store: Path, images: list[bytes], seconds: float) -> dict[str
 
     jobs = []
     for a in arrays:
-        h, w = detector_input_size(*a.shape[:2], 736)
+        h, w = detector_input_size(*a.shape[:2], 736, 2560)
         import cv2
 
         bgr = Payload(image=a).bgr()

@@ -101,3 +101,12 @@ def env(**values: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def loaded_model(runtime, type_: str, task: str | None = None):
+    """The loaded model of a type (and task), from a running app's registry."""
+    return next(
+        e["model"]
+        for e in runtime.registry.loaded()
+        if e["spec"].type == type_ and (task is None or e["spec"].task == task)
+    )

@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import OCR_ENTRIES, encode, predict
+from conftest import OCR_ENTRIES, encode, loaded_model, predict
 
 from immich_aio.batching import Batcher, BatcherClosed, BatchPolicy, RunGate
 from immich_aio.config import Settings
+from immich_aio.jobs import Job
 from immich_aio.sessions import SessionFactory
 
 
@@ -53,9 +54,9 @@ def blocked_batcher(max_size: int = 8, **kw):
 
 def test_items_arriving_during_a_run_share_the_next_run_and_keep_their_order():
     batcher, rec, release = blocked_batcher(max_size=8)
-    first = batcher.submit(0)
+    first = batcher.submit(0, Job())
     assert rec.started.wait(10)
-    futures = batcher.submit_many(list(range(1, 11)))
+    futures = batcher.submit_many(list(range(1, 11)), Job())
     release.set()
     assert first.result(10) == 0
     assert [f.result(10) for f in futures] == [2 * i for i in range(1, 11)]
@@ -74,7 +75,7 @@ def test_batched_results_equal_item_by_item():
     one_by_one = [run([x])[0] for x in items]
     batcher = Batcher(run, BatchPolicy(8), RunGate(1))
     with ThreadPoolExecutor(10) as pool:
-        together = list(pool.map(lambda x: batcher.submit(x).result(10), items))
+        together = list(pool.map(lambda x: batcher.submit(x, Job()).result(10), items))
     for a, b in zip(together, one_by_one, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     batcher.close()
@@ -82,9 +83,9 @@ def test_batched_results_equal_item_by_item():
 
 def test_a_failing_item_fails_only_its_own_request():
     batcher, rec, release = blocked_batcher(fail_on=3)
-    batcher.submit(0)
+    batcher.submit(0, Job())
     assert rec.started.wait(10)
-    futures = batcher.submit_many([1, 2, 3, 4])
+    futures = batcher.submit_many([1, 2, 3, 4], Job())
     release.set()
     assert futures[0].result(10) == 2 and futures[1].result(10) == 4 and futures[3].result(10) == 8
     with pytest.raises(ValueError, match="bad item 3"):
@@ -97,9 +98,9 @@ def test_keys_never_mix_in_one_run():
     release = threading.Event()
     rec = Recorder(release)
     batcher = Batcher(rec, BatchPolicy(8), RunGate(1), key=lambda i: i % 2)
-    batcher.submit(100)
+    batcher.submit(100, Job())
     assert rec.started.wait(10)
-    futures = batcher.submit_many([1, 2, 3, 4, 5, 6])
+    futures = batcher.submit_many([1, 2, 3, 4, 5, 6], Job())
     release.set()
     assert [f.result(10) for f in futures] == [2, 4, 6, 8, 10, 12]
     assert all(len({i % 2 for i in b}) == 1 for b in rec.batches)
@@ -110,7 +111,7 @@ def test_lone_request_does_not_wait_for_a_batch_to_fill():
     rec = Recorder()
     batcher = Batcher(rec, BatchPolicy(8, max_wait_s=5.0), RunGate(1))
     started = time.monotonic()
-    assert batcher.submit(7).result(10) == 14
+    assert batcher.submit(7, Job()).result(10) == 14
     assert time.monotonic() - started < 2.5  # it would take 5 s if an idle batcher waited for company
     batcher.close()
 
@@ -123,11 +124,11 @@ def test_gate_caps_concurrent_background_runs_but_not_interactive_ones():
     bg1 = Batcher(slow, BatchPolicy(1), gate, name="bg1")
     bg2 = Batcher(other, BatchPolicy(1), gate, name="bg2")
     search = Batcher(Recorder(), BatchPolicy(1), gate, interactive=True, name="search")
-    blocked = bg1.submit(1)
+    blocked = bg1.submit(1, Job())
     assert slow.started.wait(10)
-    waiting = bg2.submit(2)
+    waiting = bg2.submit(2, Job())
     # A person searching is answered while the only background slot is held.
-    assert search.submit(3).result(10) == 6
+    assert search.submit(3, Job()).result(10) == 6
     assert not waiting.done()  # the second background run waits for the slot
     release.set()
     assert blocked.result(10) == 2 and waiting.result(10) == 4
@@ -158,15 +159,15 @@ def test_gate_hands_slots_over_in_arrival_order():
 
 def test_close_fails_pending_work_and_refuses_new():
     batcher, rec, release = blocked_batcher()
-    batcher.submit(0)
+    batcher.submit(0, Job())
     assert rec.started.wait(10)
-    pending = batcher.submit(1)
+    pending = batcher.submit(1, Job())
     threading.Timer(0.2, release.set).start()
     batcher.close()
     with pytest.raises(BatcherClosed):
         pending.result(10)
     with pytest.raises(BatcherClosed):
-        batcher.submit(2)
+        batcher.submit(2, Job())
 
 
 def test_thread_budget_defaults_and_overrides(monkeypatch):
@@ -199,7 +200,7 @@ def test_ocr_lines_from_concurrent_requests_share_bucketed_runs(make_client):
     images = [(FIXTURES / "ocr" / n).read_bytes() for n in ("receipt.jpg", "sign.jpg", "rotated.jpg")]
     alone = [predict(client, OCR_ENTRIES, image=img).json() for img in images]
     runtime = client.app.state.runtime
-    rec = next(m for s, m, _, _ in runtime.registry.loaded() if s.type == "recognition")
+    rec = loaded_model(runtime, "recognition")
     rec.batcher.batch_sizes.clear()
     with ThreadPoolExecutor(6) as pool:
         together = list(pool.map(lambda img: predict(client, OCR_ENTRIES, image=img).json(), images * 2))
@@ -222,7 +223,7 @@ def test_search_is_answered_while_background_image_work_is_stuck(make_client):
     entries = {"clip": {"visual": {"modelName": "ViT-B-32__openai"}}}
     img = encode(np.zeros((64, 64, 3), np.uint8))
     assert predict(client, entries, image=img).status_code == 200
-    visual = next(m for s, m, _, _ in runtime.registry.loaded() if s.type == "visual")
+    visual = loaded_model(runtime, "visual")
     release = threading.Event()
     entered = threading.Event()
     real_embed = visual.embed
@@ -248,12 +249,12 @@ def test_close_while_waiting_for_a_batch_to_fill_ends_cleanly(monkeypatch):
     monkeypatch.setattr(threading, "excepthook", lambda args: crashes.append(args.exc_value))
     batcher, rec, release = blocked_batcher(max_size=8)
     batcher.policy = BatchPolicy(8, max_wait_s=30.0)
-    batcher.submit(0)
+    batcher.submit(0, Job())
     assert rec.started.wait(10)
-    first = batcher.submit_many([1, 2])  # queued during the run: the next run is a batch of 2
+    first = batcher.submit_many([1, 2], Job())  # queued during the run: the next run is a batch of 2
     release.set()
     assert [f.result(10) for f in first] == [2, 4]
-    waiting = batcher.submit(3)  # after a batch, the worker waits up to 30 s for company
+    waiting = batcher.submit(3, Job())  # after a batch, the worker waits up to 30 s for company
     time.sleep(0.2)  # let the worker enter that wait
     batcher.close()
     with pytest.raises(BatcherClosed):

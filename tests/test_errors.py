@@ -132,21 +132,24 @@ def test_zero_size_and_tiny_images_are_empty_not_errors(client):
 
 
 def test_broken_model_file_is_500_and_next_request_retries(client, store):
+    from immich_aio.models.ocr import bundled_model_dir
+
     det = store / "ocr" / "PP-OCRv5_mobile" / "detection" / "model.onnx"
+    rec = store / "ocr" / "PP-OCRv5_mobile" / "recognition" / "model.onnx"
     det.parent.mkdir(parents=True)
+    rec.parent.mkdir(parents=True)
     det.write_bytes(b"this is not an onnx file")
+    rec.write_bytes((bundled_model_dir() / "PP-OCRv6_rec_small.onnx").read_bytes())
     r = predict(client, OCR_ENTRIES, image=IMG)
     assert_detail(r, 500, "Failed to load model", "PP-OCRv5_mobile")
     assert client.get("/ping").status_code == 200
     # The user fixes the file; the very next request loads it (no failure is cached).
-    from immich_aio.models.ocr import bundled_model_dir
-
     det.write_bytes((bundled_model_dir() / "PP-OCRv6_det_small.onnx").read_bytes())
     r = predict(client, OCR_ENTRIES, image=IMG)
     assert r.status_code == 200, r.text
     names = {(m["type"], m["name"]) for m in client.get("/info").json()["models"]}
     assert ("detection", "PP-OCRv5_mobile") in names
-    assert ("recognition", "PP-OCRv6_small") in names
+    assert ("recognition", "PP-OCRv5_mobile") in names
 
 
 def test_non_multipart_body_is_400(client):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import encode, predict, settings_for
+from conftest import encode, loaded_model, predict, settings_for
 from face_models import install_pack, make_arcface, make_scrfd
 from fakehub import FakeHub
 from PIL import Image
@@ -150,7 +150,7 @@ def test_all_faces_embedded_in_one_batched_run(make_client, store):
     client = make_client(MACHINE_LEARNING_MAX_BATCH_SIZE__FACIAL_RECOGNITION="64")
     runtime = client.app.state.runtime
     predict(client, face_entries(), image=photo_files()["group_t1"])
-    model = next(m for s, m, _, _ in runtime.registry.loaded() if s.type == "recognition")
+    model = loaded_model(runtime, "recognition")
     calls = []
     real_run = model.session.run
     model.session.run = lambda *a, **k: calls.append(a[1]["input.1"].shape[0]) or real_run(*a, **k)

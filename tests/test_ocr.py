@@ -155,10 +155,19 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_detector_never_upscales_and_rounds_to_32():
-    assert detector_input_size(1440, 1920, 736) == (736, 992)
-    assert detector_input_size(300, 800, 736) == (288, 800)
-    assert detector_input_size(40, 40, 736) == (32, 32)
-    assert detector_input_size(1440, 1920, 1) == (32, 32)
+    assert detector_input_size(1440, 1920, 736, 2560) == (736, 992)
+    assert detector_input_size(300, 800, 736, 2560) == (288, 800)
+    assert detector_input_size(40, 40, 736, 2560) == (32, 32)
+    assert detector_input_size(1440, 1920, 1, 2560) == (32, 32)
+
+
+@pytest.mark.parametrize(("h", "w"), [(1600, 62500), (62500, 1600), (1440, 100_000), (30_000, 30_000)])
+@pytest.mark.parametrize("max_res", [736, 100_000])
+def test_detector_working_size_is_bounded_on_both_sides(h, w, max_res):
+    """A thin panorama used to reach the detector at 736×28736 (+3.5 GB): now both sides are bounded."""
+    in_h, in_w = detector_input_size(h, w, max_res, 2560)
+    assert max(in_h, in_w) <= 2560 and min(in_h, in_w) >= 32
+    assert in_h * in_w <= 2560 * 2560
 
 
 def test_reading_order_lines_then_columns():

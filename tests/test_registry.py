@@ -55,7 +55,7 @@ def _reset():
 
 
 def test_concurrent_first_use_loads_once():
-    reg = ModelRegistry({}, ttl_s=300)
+    reg = ModelRegistry({}, 300)
     s = spec()
     results = []
     threads = [threading.Thread(target=lambda: results.append(reg.load(s))) for _ in range(8)]
@@ -69,7 +69,7 @@ def test_concurrent_first_use_loads_once():
 
 def test_ttl_unload_drops_the_session():
     clock = Clock()
-    reg = ModelRegistry({}, ttl_s=10, clock=clock)
+    reg = ModelRegistry({}, 10, clock=clock)
     model = reg.load(spec())
     session_ref = weakref.ref(model.session) if hasattr(model.session, "__weakref__") else None
     model_ref = weakref.ref(model)
@@ -88,7 +88,7 @@ def test_ttl_unload_drops_the_session():
 
 def test_model_in_use_is_not_unloaded():
     clock = Clock()
-    reg = ModelRegistry({}, ttl_s=10, clock=clock)
+    reg = ModelRegistry({}, 10, clock=clock)
     with reg.use(spec()):
         clock.now += 100
         assert reg.reap() == []
@@ -98,18 +98,18 @@ def test_model_in_use_is_not_unloaded():
 
 def test_pinned_models_never_expire_and_ttl_zero_disables():
     clock = Clock()
-    reg = ModelRegistry({}, ttl_s=10, clock=clock)
+    reg = ModelRegistry({}, 10, clock=clock)
     reg.load(spec("p"), pin=True)
     clock.now += 10_000
     assert reg.reap() == []
-    reg0 = ModelRegistry({}, ttl_s=0, clock=clock)
+    reg0 = ModelRegistry({}, 0, clock=clock)
     reg0.load(spec())
     clock.now += 10_000
     assert reg0.reap() == []
 
 
 def test_failed_load_is_not_cached():
-    reg = ModelRegistry({}, ttl_s=300)
+    reg = ModelRegistry({}, 300)
     FakeModel.fail_next = 1
     with pytest.raises(ModelLoadError, match="corrupt file"):
         reg.load(spec())
@@ -123,7 +123,7 @@ def test_real_ttl_unload_frees_ort_session(make_client):
     img = encode(__import__("numpy").full((64, 64, 3), 255, "uint8"))
     assert predict(client, OCR_ENTRIES, image=img).status_code == 200
     runtime = client.app.state.runtime
-    refs = [weakref.ref(m.session) for _, m, _, _ in runtime.registry.loaded()]
+    refs = [weakref.ref(e["model"].session) for e in runtime.registry.loaded()]
     assert len(refs) == 2 and all(r() is not None for r in refs)
     deadline = time.monotonic() + 10
     while runtime.registry.loaded() and time.monotonic() < deadline:

@@ -12,13 +12,16 @@ import numpy as np
 import onnxruntime as ort
 
 from immich_aio.batching import Batcher
+from immich_aio.jobs import Job
 from immich_aio.sessions import SessionFactory
+from immich_aio.store import FileIdentity, identity
 
 
 @dataclass
 class Payload:
     """One request's input, decoded once and shared by all of its entries."""
 
+    job: Job
     image: np.ndarray | None = None  # HxWx3 uint8 RGB
     text: str | None = None
     outputs: dict[tuple[str, str], Any] = field(default_factory=dict)  # earlier entries' raw output
@@ -47,6 +50,8 @@ class Model(ABC):
         self.max_batch = max_batch  # items per batched run, for models that batch (None: the factory's default)
         self.session: ort.InferenceSession | None = None
         self.batcher: Batcher | None = None  # set by models whose runs are batched across requests
+        self.users = 0  # runs holding this model (kept by the registry)
+        self.retired = False  # replaced by a newer installation: closed when its last user is done
 
     @abstractmethod
     def load(self) -> None:
@@ -75,9 +80,10 @@ class Model(ABC):
         outs = self.session.run(None, feeds)
         return [o.astype(np.float32) if o.dtype == np.float16 else o for o in outs]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """One unbatched background run, through the shared gate."""
-        with self.factory.gate.slot():
+    def run(self, feeds: dict[str, np.ndarray], job: Job) -> list[np.ndarray]:
+        """One unbatched run, through the shared gate in job order."""
+        job.check()  # nobody is waiting for it any more: don't spend the cores
+        with self.factory.gate.slot(job):
             return self.infer(feeds)
 
     def providers(self) -> list[str]:
@@ -92,11 +98,17 @@ class ModelSpec:
     type: str
     name: str  # the served model's own name; the cache key
     build: Callable[[], Model]
-    requested: str = ""
+    requested: str = ""  # the cleaned name the client sent
+    # Files whose replacement means a new installation. A CLIP tower lists both towers' files, so
+    # a reinstall switches image and text encoders together, never one without the other.
+    watch: tuple[Path, ...] = ()
 
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.task, self.type, self.name)
+
+    def identity(self) -> tuple[FileIdentity, ...]:
+        return identity(self.watch)
 
 
 class Resolver(ABC):

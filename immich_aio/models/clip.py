@@ -128,7 +128,7 @@ class CnClipVisual(_ClipTower):
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> np.ndarray:
         assert payload.image is not None and self.batcher is not None
-        return self.batcher.submit(self.prepare(payload.image)).result()
+        return self.batcher.map([self.prepare(payload.image)], payload.job)[0]
 
 
 class CnClipTextual(_ClipTower):
@@ -148,4 +148,4 @@ class CnClipTextual(_ClipTower):
     def predict(self, payload: Payload, options: dict[str, Any]) -> np.ndarray:
         # `language` is accepted and ignored: CN-CLIP reads Chinese and English alike.
         assert payload.text is not None and self.batcher is not None
-        return self.batcher.submit(self.prepare(payload.text)).result()
+        return self.batcher.map([self.prepare(payload.text)], payload.job)[0]

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from immich_aio.batching import Batcher
+from immich_aio.jobs import Job
 from immich_aio.models.base import Model, Payload
 from immich_aio.protocol import DETECTION, FACES, RECOGNITION, option_float, vector_string
 
@@ -108,10 +109,10 @@ class FaceDetector(Model):
         self.input_name = self.session.get_inputs()[0].name
         self.centres = {s: anchor_centres(DET_SIZE, s, self.anchors) for s in self.strides}
 
-    def detect(self, image: np.ndarray, min_score: float) -> dict[str, np.ndarray]:
+    def detect(self, image: np.ndarray, min_score: float, job: Job | None = None) -> dict[str, np.ndarray]:
         canvas, scale = letterbox(image)
         blob = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
-        outs = self.run({self.input_name: blob})
+        outs = self.run({self.input_name: blob}, job or Job())
         outs = [o[0] if o.ndim == 3 else o for o in outs]  # tolerate a leading batch axis
         boxes, scores, points = [], [], []
         for level, stride in enumerate(self.strides):
@@ -136,7 +137,7 @@ class FaceDetector(Model):
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, np.ndarray]:
         assert payload.image is not None
-        return self.detect(payload.image, option_float(options, "minScore", 0.7, 0.0, 1.0))
+        return self.detect(payload.image, option_float(options, "minScore", 0.7, 0.0, 1.0), payload.job)
 
     def response(self, output: dict[str, np.ndarray], options: dict[str, Any]) -> dict[str, Any]:
         return {k: v.tolist() for k, v in output.items()}
@@ -202,7 +203,8 @@ class FaceRecognizer(Model):
         if det["landmarks"].shape[1] != 5:
             raise ValueError("the detector gives no landmarks, so faces cannot be aligned for recognition")
         assert self.batcher is not None
-        embeddings = self.batcher.map([align(payload.image, marks, self.size) for marks in det["landmarks"]])
+        crops = [align(payload.image, marks, self.size) for marks in det["landmarks"]]
+        embeddings = self.batcher.map(crops, payload.job)
         return [
             {
                 "boundingBox": dict(zip(("x1", "y1", "x2", "y2"), map(float, box), strict=True)),

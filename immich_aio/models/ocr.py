@@ -16,6 +16,7 @@ import numpy as np
 
 from immich_aio.batching import Batcher
 from immich_aio.errors import BadRequest
+from immich_aio.jobs import Job
 from immich_aio.models.base import Model, Payload
 from immich_aio.protocol import DETECTION, OCR, RECOGNITION, option_float
 from immich_aio.sessions import SessionProfile
@@ -24,6 +25,9 @@ REC_HEIGHT = 48
 # Line images are padded to one of a few canvas widths, so a GPU sees few distinct shapes and lines
 # from different requests can share a run. Wider lines keep their own width.
 REC_BUCKETS = (320, 480, 640, 960, 1280, 1920, 2560)
+# Wider lines are squeezed to this width: a line tensor is at most 3×48×8192 floats (4.7 MB),
+# however wide a panorama is.
+REC_MAX_WIDTH = 8192
 LINE_GAP_PX = 10  # boxes whose tops differ by less than this are one line of text
 
 
@@ -33,9 +37,13 @@ def bundled_model_dir() -> Path:
     return Path(rapidocr.__file__).parent / "models"
 
 
-def detector_input_size(height: int, width: int, max_resolution: int) -> tuple[int, int]:
-    """Scale the shorter side down (never up) to max_resolution; both sides multiples of 32."""
-    ratio = min(max_resolution / min(height, width), 1.0)
+def detector_input_size(height: int, width: int, max_resolution: int, max_side: int) -> tuple[int, int]:
+    """Scale the shorter side down (never up) to max_resolution, and the longer side to at most max_side.
+
+    Both sides become multiples of 32. The long-side bound keeps a thin panorama (62500×1600, say) from
+    reaching the detector at 736×28736: its working size, and so its memory, is bounded whatever the input.
+    """
+    ratio = min(max_resolution / min(height, width), max_side / max(height, width), 1.0)
     return (max(32, round(height * ratio / 32) * 32), max(32, round(width * ratio / 32) * 32))
 
 
@@ -66,6 +74,7 @@ def crop_quad(image: np.ndarray, quad: np.ndarray) -> np.ndarray | None:
 
 class OcrDetector(Model):
     task, type = OCR, DETECTION
+    max_side = 2560  # IMMICH_AIO_OCR_MAX_SIDE, set by the resolver
 
     def load(self) -> None:
         from rapidocr.ch_ppocr_det.utils import DBPostProcess
@@ -85,12 +94,12 @@ class OcrDetector(Model):
         empty = {"boxes": np.zeros((0, 4, 2), np.float32), "scores": np.zeros(0, np.float32)}
         if height < 32 or width < 32:
             return empty
-        in_h, in_w = detector_input_size(height, width, int(max_res))
+        in_h, in_w = detector_input_size(height, width, int(max_res), self.max_side)
         bgr = payload.bgr()
         interp = cv2.INTER_AREA if in_h < height else cv2.INTER_LINEAR
         resized = cv2.resize(bgr, (in_w, in_h), interpolation=interp)
         blob = ((resized.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]
-        prob = self.run({self.input_name: blob})[0]
+        prob = self.run({self.input_name: blob}, payload.job)[0]
         post = self._post(
             thresh=0.3,
             box_thresh=min_score,
@@ -133,7 +142,7 @@ class OcrRecognizer(Model):
     @staticmethod
     def prepare_line(crop: np.ndarray) -> np.ndarray:
         """BGR line crop -> normalised 3×48×bucket tensor, zero-padded on the right."""
-        width = math.ceil(REC_HEIGHT * crop.shape[1] / crop.shape[0])
+        width = min(math.ceil(REC_HEIGHT * crop.shape[1] / crop.shape[0]), REC_MAX_WIDTH)
         bucket = next((b for b in REC_BUCKETS if b >= width), width)
         line = cv2.resize(crop, (width, REC_HEIGHT)).astype(np.float32)
         canvas = np.zeros((3, REC_HEIGHT, bucket), dtype=np.float32)
@@ -144,14 +153,14 @@ class OcrRecognizer(Model):
         """The batched ONNX Runtime run: per line, its CTC probabilities (decoded by the caller)."""
         return list(self.infer({self.input_name: np.stack(lines)})[0])
 
-    def recognize(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
+    def recognize(self, crops: list[np.ndarray], job: Job) -> list[tuple[str, float]]:
         """Recognise line images; lines of one width bucket share runs, across requests too.
 
         CTC decoding happens here, on the request's thread, so the shared run slot is held only
         for the ONNX Runtime run itself.
         """
         assert self.batcher is not None
-        probs = self.batcher.map([self.prepare_line(c) for c in crops])
+        probs = self.batcher.map([self.prepare_line(c) for c in crops], job)
         return [(text, float(score)) for p in probs for text, score in self.decoder(p[None], False)[0]]
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +175,7 @@ class OcrRecognizer(Model):
             if crop is not None:
                 crops.append(crop)
                 kept.append(i)
-        recognised = self.recognize(crops) if crops else []
+        recognised = self.recognize(crops, payload.job) if crops else []
         height, width = payload.image.shape[:2]
         scale = np.array([width, height], dtype=np.float32)
         text, keep, text_score = [], [], []

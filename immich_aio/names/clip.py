@@ -13,7 +13,7 @@ from pathlib import Path
 from immich_aio.errors import BadRequest, ModelMissing
 from immich_aio.models.base import ModelSpec, Resolver
 from immich_aio.models.clip import ClipConfig, CnClipTextual, CnClipVisual, is_cn_clip
-from immich_aio.protocol import CLIP, VISUAL
+from immich_aio.protocol import CLIP, TEXTUAL, VISUAL
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import ModelStore, clean_name
 
@@ -105,13 +105,15 @@ class ClipResolver(Resolver):
         if served not in installed:
             raise ModelMissing(
                 f"CLIP model {requested!r} maps to {served!r} (IMMICH_AIO_CLIP_ALIASES), which is not installed "
-                f"in {self.store.root / CLIP}; installed: {self._installed_text(installed)}; {fetch_hint(immich_dim)}"
+                f"in {self.store.root / CLIP}; installed: {self._installed_text(installed)}; {fetch_hint(immich_dim)}",
+                served=served,
             )
         if immich_dim is not None and installed[served] != immich_dim:
             raise BadRequest(
                 f"CLIP model {requested!r} is {immich_dim}-d in Immich, but it would be served by {served!r}, "
                 f"which is {installed[served]}-d: Immich's database would reject those embeddings. Use an Immich "
-                f"name of {installed[served]} dimensions (e.g. {self.example_name(installed[served])})"
+                f"name of {installed[served]} dimensions (e.g. {self.example_name(installed[served])})",
+                served=served,
             )
         return served
 
@@ -121,7 +123,8 @@ class ClipResolver(Resolver):
         return preferred.get(dim) or next((n for n, d in IMMICH_CLIP_DIMS.items() if d == dim), "none")
 
     def resolve(self, type_: str, requested: str) -> ModelSpec:
-        served = self.served_by(clean_name(requested))
+        name = clean_name(requested)
+        served = self.served_by(name)
         folder = self.store.model_dir(CLIP, served)
         files = {"model": folder / type_ / "model.onnx"}
         if type_ != VISUAL:
@@ -129,10 +132,18 @@ class ClipResolver(Resolver):
         missing = [str(p.relative_to(self.store.root)) for p in files.values() if not p.is_file()]
         if missing:
             raise ModelMissing(
-                f"CN-CLIP model {served!r} is incomplete: {', '.join(missing)} missing; {fetch_hint(None)}"
+                f"CN-CLIP model {served!r} is incomplete: {', '.join(missing)} missing; {fetch_hint(None)}",
+                served=served,
             )
         cls = CnClipVisual if type_ == VISUAL else CnClipTextual
-        return ModelSpec(CLIP, type_, served, lambda: cls(served, files, self.factory), requested)
+        # Both towers watch the whole installation, so a reinstall switches them together.
+        watch = (
+            folder / "config.json",
+            folder / VISUAL / "model.onnx",
+            folder / TEXTUAL / "model.onnx",
+            folder / TEXTUAL / "vocab.txt",
+        )
+        return ModelSpec(CLIP, type_, served, lambda: cls(served, files, self.factory), name, watch=watch)
 
     def files(self, served: str) -> dict[str, Path]:
         folder = self.store.model_dir(CLIP, served)

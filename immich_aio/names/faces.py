@@ -8,7 +8,7 @@ from __future__ import annotations
 from immich_aio.errors import BadRequest, ModelMissing
 from immich_aio.models.base import ModelSpec, Resolver
 from immich_aio.models.faces import FaceDetector, FaceRecognizer
-from immich_aio.protocol import DETECTION, FACES
+from immich_aio.protocol import DETECTION, FACES, RECOGNITION
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import ModelStore, clean_name
 
@@ -39,10 +39,17 @@ class FaceResolver(Resolver):
             listing = ", ".join(installed) or "none"
             if name in PACKS:
                 raise ModelMissing(
-                    f"Face model {requested!r} is not installed (installed: {listing}); {fetch_hint(name)}"
+                    f"Face model {requested!r} is not installed (installed: {listing}); {fetch_hint(name)}", served=name
                 )
             raise BadRequest(f"Unknown face model {requested!r}; installed: {listing}; known packs: {', '.join(PACKS)}")
         cls = FaceDetector if type_ == DETECTION else FaceRecognizer
+        # A pack is one installation: replacing it switches detector and recogniser together.
+        watch = tuple(self.store.path(FACES, name, t, "model.onnx") for t in (DETECTION, RECOGNITION))
         return ModelSpec(
-            FACES, type_, name, lambda: cls(name, {"model": path}, self.factory, max_batch=self.max_batch), requested
+            FACES,
+            type_,
+            name,
+            lambda: cls(name, {"model": path}, self.factory, max_batch=self.max_batch),
+            name,
+            watch=watch,
         )
