@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
@@ -90,22 +90,20 @@ def refusal(request: Request, error: PredictError, endpoint: str) -> Response | 
     return json_response({"detail": error.detail}, error.status)
 
 
-@contextlib.asynccontextmanager
-async def answering(request: Request, endpoint: str, interactive: bool = False) -> AsyncIterator[Job]:
-    """Admit a request as a job; any error raised inside becomes its one logged, JSON answer.
-
-    The response is left in `request.state.response` when the block raised.
-    """
+async def answer(
+    request: Request, endpoint: str, work: Callable[[Job], Awaitable[Response]], interactive: bool = False
+) -> Response:
+    """Admit a request as a job and run `work(job)`; any error becomes its one logged, JSON answer."""
     rt: Runtime = request.app.state.runtime
     job = None
     try:
         job = rt.admit(interactive=interactive)
-        yield job
+        return await work(job)
     except PredictError as e:
-        request.state.response = refusal(request, e, endpoint) or Response(status_code=499)
+        return refusal(request, e, endpoint) or Response(status_code=499)
     except Exception as e:  # last line of defence: a JSON 500, and the server keeps serving
         log.exception("Unexpected error in %s", endpoint)
-        request.state.response = json_response({"detail": f"Internal error: {type(e).__name__}: {e}"}, 500)
+        return json_response({"detail": f"Internal error: {type(e).__name__}: {e}"}, 500)
     finally:
         if job is not None:
             rt.done(job)
@@ -121,8 +119,8 @@ async def ping(request: Request) -> Response:
 
 async def predict(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
-    request.state.response = None
-    async with answering(request, "/predict") as job:
+
+    async def work(job: Job) -> Response:
         async with read_form(request, read_limits(rt.settings)) as form:
             entries = parse_entries(await read_small_field(form, "entries"))
             text = await read_small_field(form, "text") or None
@@ -130,10 +128,11 @@ async def predict(request: Request) -> Response:
             if image is None and form.fields.get("image"):
                 raise BadRequest("'image' must be a file part (the raw image bytes), not a text field")
             check_payload(entries, image is not None, text is not None)
-            job.interactive = image is None or all(e.needs_text for e in entries)
+            job.interactive = all(e.needs_text for e in entries)  # a search: the interactive lane
             result = await run_job(request, job, pipeline.run, rt.engine, job, entries, image, text)
         return json_response(result.body)
-    return request.state.response
+
+    return await answer(request, "/predict", work)
 
 
 async def info(request: Request) -> Response:

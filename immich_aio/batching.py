@@ -204,16 +204,20 @@ class Batcher(Generic[T, R]):
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
-            self.batch_sizes.append(len(batch))
-            if self._on_batch is not None:
-                self._on_batch(len(batch))
-            items = [q.item for q in batch]
             job = batch[0].job  # the oldest job in the batch decides its place at the gate
             try:
                 with self._gate.slot(job if not self._interactive else _INTERACTIVE):
-                    results = list(self._run(items))
-                if len(results) != len(items):
-                    raise RuntimeError(f"batch run returned {len(results)} results for {len(items)} items")
+                    batch = self._still_wanted(batch)  # clients may have left while the batch waited
+                    if not batch:
+                        continue
+                    for q in batch:
+                        q.job.ran = True
+                    self.batch_sizes.append(len(batch))
+                    if self._on_batch is not None:
+                        self._on_batch(len(batch))
+                    results = list(self._run([q.item for q in batch]))
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch run returned {len(results)} results for {len(batch)} items")
             except Exception as e:
                 if len(batch) > 1:
                     self._run_one_by_one(batch)
@@ -222,6 +226,16 @@ class Batcher(Generic[T, R]):
                 continue
             for q, result in zip(batch, results, strict=True):
                 q.future.set_result(result)
+
+    @staticmethod
+    def _still_wanted(batch: list[_Queued[T, R]]) -> list[_Queued[T, R]]:
+        kept = []
+        for q in batch:
+            if q.job.cancelled:
+                q.future.set_exception(q.job.error())
+            else:
+                kept.append(q)
+        return kept
 
     def _run_one_by_one(self, batch: list[_Queued[T, R]]) -> None:
         for q in batch:

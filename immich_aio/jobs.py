@@ -25,6 +25,7 @@ class Job:
         self.seq = next(_sequence)  # admission order: smaller runs first
         self.interactive = interactive  # a person waiting (text search): skips the background queue
         self.started = time.monotonic()
+        self.ran = False  # a model run has started for it: a shutdown lets it finish
         self._cancelled = threading.Event()
         self._error: PredictError = ClientGone("the client closed the connection")
         self._lock = threading.Lock()
@@ -49,7 +50,7 @@ class Job:
 
     def check(self) -> None:
         if self._cancelled.is_set():
-            raise self._fresh_error()
+            raise self.error()
 
     def wait(self, futures: Sequence[Future[R]]) -> list[R]:
         """Results in order; raises ClientGone if the job was cancelled while they were queued."""
@@ -57,12 +58,13 @@ class Job:
         try:
             return [f.result() for f in futures]
         except CancelledError:
-            raise self._fresh_error() from None
+            raise self.error() from None
         finally:
             with self._lock:
                 self._futures.difference_update(futures)
 
-    def _fresh_error(self) -> PredictError:
+    def error(self) -> PredictError:
+        """A new instance of the error this job ends with once cancelled."""
         return type(self._error)(self._error.detail)
 
     def _track(self, futures: Iterable[Future]) -> None:

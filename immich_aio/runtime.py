@@ -29,7 +29,7 @@ from immich_aio.pipeline import Engine
 from immich_aio.protocol import CLIP, FACES, OCR
 from immich_aio.registry import ModelRegistry
 from immich_aio.sessions import SessionFactory
-from immich_aio.store import ModelStore
+from immich_aio.store import TASKS, ModelStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,11 +81,14 @@ class Runtime:
         self.jobs.discard(job)
 
     def cancel_queued(self, error: PredictError) -> int:
-        """Shutdown past its grace period: every job still waiting is answered with `error`."""
-        jobs = list(self.jobs)
-        for job in jobs:
+        """Shutdown past its grace period: jobs that have not started a run are answered with `error`.
+
+        Jobs with a run under way are left to finish.
+        """
+        waiting = [job for job in self.jobs if not job.ran]
+        for job in waiting:
             job.cancel(error)
-        return len(jobs)
+        return len(waiting)
 
     async def start(self) -> None:
         # Preloading runs in the background: /ping answers from the first moment, and a request for a
@@ -138,6 +141,8 @@ class Runtime:
         return out
 
     def info(self) -> dict[str, Any]:
+        for task in TASKS:
+            self.store.names(task)  # notices (and logs once) any bad entry in the store
         models = []
         for entry in self.registry.loaded():
             spec, model = entry["spec"], entry["model"]

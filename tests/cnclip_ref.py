@@ -88,3 +88,16 @@ def tiny_model(seed: int = 0):
             else:
                 p.add_(torch.randn_like(p) * 0.02)
     return model
+
+
+def install_tiny(store, model, name: str = "CN-CLIP-ViT-B-16") -> Path:
+    """Export a tiny CN-CLIP into the store as an installed model (atomically, with a manifest)."""
+    import shutil
+
+    from immich_aio.download import clip_export
+    from immich_aio.download.install import staged
+
+    with staged(store, "clip", name) as stage:
+        clip_export.export(model, stage, TINY_CONFIG["image_resolution"])
+        shutil.copyfile(vocab_path(), stage / "textual" / "vocab.txt")
+    return store.model_dir("clip", name)

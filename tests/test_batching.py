@@ -212,8 +212,10 @@ def test_ocr_lines_from_concurrent_requests_share_bucketed_runs(make_client):
 
 def test_search_is_answered_while_background_image_work_is_stuck(make_client):
     """Through HTTP: every background slot and batch is blocked, yet a text search returns."""
-    from cnclip_ref import tiny_model
-    from test_clip import install_tiny  # the tiny CN-CLIP built from cn_clip's code
+    from cnclip_ref import (
+        install_tiny,  # the tiny CN-CLIP built from cn_clip's code
+        tiny_model,
+    )
 
     from immich_aio.store import ModelStore
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cnclip_ref import TINY_CONFIG, import_cn_clip, tiny_model, vocab_path
+from cnclip_ref import TINY_CONFIG, import_cn_clip, install_tiny, tiny_model, vocab_path
 from conftest import FIXTURES, encode, predict, settings_for, temp_settings
 from fakehub import FakeHub
 from PIL import Image
@@ -21,7 +20,7 @@ from immich_aio.app import create_app
 from immich_aio.download import clip as clip_download
 from immich_aio.download import clip_export
 from immich_aio.download.cli import main as models_main
-from immich_aio.download.install import staged, verify_manifest
+from immich_aio.download.install import verify_manifest
 from immich_aio.models.clip import make_tokenizer
 from immich_aio.store import ModelStore, sha256_file
 
@@ -58,13 +57,6 @@ def torch_text(model, text: str) -> np.ndarray:
     with torch.no_grad():
         f = model.encode_text(clip.tokenize([text], context_length=52))
     return torch.nn.functional.normalize(f, dim=-1)[0].numpy()
-
-
-def install_tiny(store: ModelStore, model, name: str = NAME) -> Path:
-    with staged(store, "clip", name) as stage:
-        clip_export.export(model, stage, SIZE)
-        shutil.copyfile(vocab_path(), stage / "textual" / "vocab.txt")
-    return store.model_dir("clip", name)
 
 
 def vec(body: dict) -> np.ndarray:

@@ -294,8 +294,7 @@ def test_unreachable_release_host_names_its_own_mirror_option(tmp_path, monkeypa
 
 def test_one_request_with_every_task(store):
     """CLIP visual, faces and OCR in one request: one decode, each answer under its task key."""
-    from cnclip_ref import tiny_model
-    from test_clip import install_tiny
+    from cnclip_ref import install_tiny, tiny_model
 
     from immich_aio.store import ModelStore
 

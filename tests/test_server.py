@@ -104,8 +104,8 @@ def test_sigterm_shuts_down_gracefully(server):
     url, proc = server
     assert post(url, "rotated.jpg").status_code == 200
     proc.send_signal(signal.SIGTERM)
-    # uvicorn re-raises the signal after its graceful shutdown, as a process manager expects
-    assert proc.wait(30) in (0, -signal.SIGTERM)
+    # a drained shutdown is a clean one: exit status 0 (uvicorn alone re-raised the signal: 143)
+    assert proc.wait(30) == 0
     out = proc.stdout.read().decode(errors="replace")
     assert "Stopped: requests finished, models unloaded" in out
     assert "Traceback" not in out

@@ -84,6 +84,8 @@ class Model(ABC):
         """One unbatched run, through the shared gate in job order."""
         job.check()  # nobody is waiting for it any more: don't spend the cores
         with self.factory.gate.slot(job):
+            job.check()  # the client may have left while this run waited for its slot
+            job.ran = True
             return self.infer(feeds)
 
     def providers(self) -> list[str]:

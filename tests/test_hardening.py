@@ -1,0 +1,485 @@
+"""Regression tests for what a hostile client, a bad store and a live reinstall broke (issue #11).
+
+Each test names the defect class it guards; each failed on the code before the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import socket
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from cnclip_ref import install_tiny, tiny_model
+from conftest import FIXTURES, OCR_ENTRIES, encode, loaded_model, predict, settings_for
+from live import InProcessServer, captured_logs, free_port, server_process
+from starlette.testclient import TestClient
+
+from immich_aio.app import create_app
+from immich_aio.errors import ClientGone, ServiceUnavailable
+from immich_aio.imaging import PixelBudget
+from immich_aio.jobs import Job
+from immich_aio.store import ModelStore
+
+TEXT = {"clip": {"textual": {"modelName": "ViT-B-32__openai"}}}
+VISUAL = {"clip": {"visual": {"modelName": "ViT-B-32__openai"}}}
+PHOTO = (FIXTURES / "ocr" / "sign.jpg").read_bytes()
+
+
+def vec(r) -> np.ndarray:
+    assert r.status_code == 200, r.text
+    return np.array(json.loads(r.json()["clip"]), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_a():
+    return tiny_model(seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_b():
+    return tiny_model(seed=2)
+
+
+@pytest.fixture
+def clip_client(store, make_client, tiny_a):
+    install_tiny(ModelStore(store), tiny_a)
+    return make_client()
+
+
+# --- class 1: a request with both parts -----------------------------------------------------------
+
+
+def test_textual_entry_with_an_image_too_takes_the_text(clip_client):
+    alone = vec(predict(clip_client, TEXT, text="海边的日落"))
+    both = vec(predict(clip_client, TEXT, image=PHOTO, text="海边的日落"))
+    np.testing.assert_allclose(both, alone, atol=1e-6)
+
+
+def test_image_entry_with_text_too_takes_the_image(clip_client):
+    alone = vec(predict(clip_client, VISUAL, image=PHOTO))
+    both = vec(predict(clip_client, VISUAL, image=PHOTO, text="ignored"))
+    np.testing.assert_allclose(both, alone, atol=1e-6)
+    r = predict(clip_client, OCR_ENTRIES, image=PHOTO, text="ignored")
+    assert r.status_code == 200 and r.json()["ocr"]["text"]
+
+
+def test_both_clip_types_in_one_request_is_a_clear_400(clip_client):
+    entries = {"clip": {"visual": {"modelName": "ViT-B-32__openai"}, "textual": {"modelName": "ViT-B-32__openai"}}}
+    r = predict(clip_client, entries, image=PHOTO, text="海边")
+    assert r.status_code == 400
+    assert "clip.visual and clip.textual" in r.json()["detail"]
+    assert clip_client.get("/ping").text == "pong"
+
+
+# --- class 2: client-chosen names -----------------------------------------------------------------
+
+
+def test_client_chosen_names_do_not_grow_server_state(client):
+    image = encode(np.full((64, 64, 3), 255, np.uint8))
+    for i in range(40):
+        entries = json.loads(json.dumps(OCR_ENTRIES))
+        for t in ("detection", "recognition"):
+            entries["ocr"][t]["modelName"] = f"immich-app/{'x' * 20_000}{i}/PP-OCRv5_mobile"
+        assert predict(client, entries, image=image).status_code == 200
+    for i in range(100):
+        entries = {"ocr": {"detection": {"modelName": f"bogus-{i}"}, "recognition": {"modelName": f"bogus-{i}"}}}
+        assert predict(client, entries, image=image).status_code == 400
+    info = client.get("/info")
+    assert info.status_code == 200
+    assert len(info.content) < 20_000 and b"xxxx" not in info.content and b"bogus" not in info.content
+    for m in info.json()["models"]:
+        assert m["answersTo"] == ["PP-OCRv5_mobile"]
+
+
+def test_long_name_is_refused_without_echoing_it_whole(client):
+    name = "a" * 100_000
+    entries = {"ocr": {"detection": {"modelName": name}, "recognition": {"modelName": name}}}
+    r = predict(client, entries, image=PHOTO)
+    assert r.status_code == 400 and len(r.content) < 1000
+
+
+# --- class 3: working sizes and decoded pixels ----------------------------------------------------
+
+
+def test_panorama_reaches_the_detector_within_the_working_size(make_client):
+    client = make_client(IMMICH_AIO_OCR_MAX_SIDE="2560")
+    pano = np.full((400, 16000, 3), 255, np.uint8)  # 40:1, like the 62500x1600 attack, smaller to stay quick
+    data = encode(pano, "PNG")
+    assert predict(client, OCR_ENTRIES, image=encode(np.full((64, 64, 3), 255, np.uint8))).status_code == 200
+    det = loaded_model(client.app.state.runtime, "detection", "ocr")
+    shapes = []
+    real = det.infer
+    det.infer = lambda feeds: (shapes.append(next(iter(feeds.values())).shape), real(feeds))[1]
+    entries = json.loads(json.dumps(OCR_ENTRIES))
+    entries["ocr"]["detection"]["options"]["maxResolution"] = 100_000
+    r = predict(client, entries, image=data)
+    assert r.status_code == 200, r.text
+    assert shapes and max(shapes[0][2:]) <= 2560
+
+
+def test_pixel_budget_serves_oldest_first_and_bounds_what_is_held():
+    budget = PixelBudget(total=10, wait_s=5)
+    order, held, peak = [], [0], [0]
+    lock = threading.Lock()
+    first = Job()
+    gate = threading.Event()
+
+    def take(job: Job, pixels: int, name: str) -> None:
+        with budget.hold(pixels, job):
+            with lock:
+                order.append(name)
+                held[0] += pixels
+                peak[0] = max(peak[0], held[0])
+            if name == "first":
+                gate.wait(5)
+            time.sleep(0.02)
+            with lock:
+                held[0] -= pixels
+
+    jobs = [Job() for _ in range(4)]
+    t0 = threading.Thread(target=take, args=(first, 8, "first"))
+    t0.start()
+    while budget.used == 0:
+        time.sleep(0.001)
+    threads = []
+    for i, job in reversed(list(enumerate(jobs))):  # started newest first; served oldest first
+        threads.append(threading.Thread(target=take, args=(job, 6, f"job{i}")))
+        threads[-1].start()
+    while budget.waiting < 4:
+        time.sleep(0.001)
+    gate.set()
+    for t in [t0, *threads]:
+        t.join(10)
+    assert order == ["first", "job0", "job1", "job2", "job3"]
+    assert peak[0] <= 10
+
+
+def test_pixel_budget_larger_image_runs_alone_times_out_and_notices_cancel():
+    budget = PixelBudget(total=10, wait_s=0.3)
+    with budget.hold(50, Job()):  # larger than the whole budget: allowed when nothing else holds any
+        assert budget.used == 10
+        with pytest.raises(ServiceUnavailable, match="IMMICH_AIO_DECODE_BUDGET_MP"), budget.hold(1, Job()):
+            pass
+        job = Job()
+        threading.Timer(0.05, job.cancel).start()
+        budget.wait_s = 5
+        with pytest.raises(ClientGone), budget.hold(1, job):
+            pass
+    assert budget.used == 0 and budget.waiting == 0
+
+
+def test_decoded_images_alive_at_once_stay_within_the_budget(make_client, monkeypatch):
+    from immich_aio import pipeline
+
+    client = make_client(IMMICH_AIO_DECODE_BUDGET_MP="1", MACHINE_LEARNING_REQUEST_THREADS="8")
+    alive, peak = [0], [0]
+    lock = threading.Lock()
+    real = pipeline.decode_image
+
+    def counting(source, max_pixels):
+        array = real(source, max_pixels)
+        with lock:
+            alive[0] += 1
+            peak[0] = max(peak[0], alive[0])
+
+        def gone():
+            with lock:
+                alive[0] -= 1
+
+        weakref.finalize(array, gone)
+        return array
+
+    monkeypatch.setattr(pipeline, "decode_image", counting)
+    image = encode(np.random.default_rng(0).integers(0, 255, (900, 1000, 3), dtype=np.uint8))  # 0.9 MP
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda _: predict(client, OCR_ENTRIES, image=image).status_code, range(8)))
+    assert codes == [200] * 8
+    assert peak[0] == 1  # 16 request threads used to decode everything queued at once
+
+
+# --- class 4: slow and vanishing clients ----------------------------------------------------------
+
+
+@pytest.fixture
+def live(store):
+    settings = settings_for(
+        store,
+        IMMICH_PORT=str(free_port()),
+        IMMICH_AIO_HEADER_TIMEOUT_S="1",
+        IMMICH_AIO_BODY_TIMEOUT_S="1",
+        IMMICH_AIO_CONCURRENT_RUNS="1",
+        MACHINE_LEARNING_REQUEST_THREADS="4",
+    )
+    with InProcessServer(settings) as srv:
+        yield srv
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def test_client_that_never_finishes_its_headers_is_disconnected(live):
+    with captured_logs() as logs:
+        sock = _connect(live.url)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # ... and nothing more
+        started = time.monotonic()
+        assert sock.recv(100) == b""  # closed by the server
+        assert time.monotonic() - started < 10
+        sock.close()
+    assert any("no complete request" in line for line in logs.lines(logging.INFO))
+
+
+def test_stalled_body_gets_a_408(live):
+    sock = _connect(live.url)
+    body = b'--b\r\nContent-Disposition: form-data; name="entries"\r\n\r\n{}'
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: {len(body) + 5000}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    reply = sock.recv(4096).decode(errors="replace")
+    sock.close()
+    assert reply.startswith("HTTP/1.1 408") and "IMMICH_AIO_BODY_TIMEOUT_S" in reply
+    assert httpx.get(live.url + "/ping").text == "pong"
+
+
+def _post_raw(url: str, entries: dict, image: bytes) -> socket.socket:
+    boundary = "xyz"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="entries"\r\n\r\n{json.dumps(entries)}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="blob"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    sock = _connect(url)
+    sock.sendall(head + body)
+    return sock
+
+
+def test_queued_work_of_a_client_that_left_never_runs(live):
+    assert (
+        httpx.post(live.url + "/predict", data={"entries": json.dumps(OCR_ENTRIES)}, files={"image": PHOTO}).status_code
+        == 200
+    )
+    det = loaded_model(live.runtime, "detection", "ocr")
+    calls, entered, release = [], threading.Event(), threading.Event()
+    real = det.infer
+
+    def blocking(feeds):
+        calls.append(1)
+        if len(calls) == 1:
+            entered.set()
+            release.wait(30)
+        return real(feeds)
+
+    det.infer = blocking
+    with captured_logs() as logs, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(
+            httpx.post,
+            live.url + "/predict",
+            data={"entries": json.dumps(OCR_ENTRIES)},
+            files={"image": PHOTO},
+            timeout=60,
+        )
+        assert entered.wait(30)  # the only run slot is held by the first request
+        sock = _post_raw(live.url, OCR_ENTRIES, PHOTO)
+        deadline = time.monotonic() + 30
+        while live.runtime.factory.gate.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert live.runtime.factory.gate.waiting == 1  # the second request waits for the slot
+        sock.close()  # ... and its client gives up
+        while len(live.runtime.jobs) > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        assert first.result(60).status_code == 200
+    assert len(calls) == 1  # the abandoned request's detection never ran
+    assert any("closed the connection" in line for line in logs.lines(logging.INFO))
+    assert not logs.lines(logging.ERROR)
+
+
+# --- class 5: a reinstall while serving -----------------------------------------------------------
+
+
+def _reference(tmp_path: Path, model, name: str) -> tuple[np.ndarray, np.ndarray]:
+    root = tmp_path / name
+    install_tiny(ModelStore(root), model)
+    with TestClient(create_app(settings_for(root))) as c:
+        return vec(predict(c, VISUAL, image=PHOTO)), vec(predict(c, TEXT, text="海边的日落"))
+
+
+def test_reinstall_switches_both_towers_and_running_work_finishes_on_the_old(
+    tmp_path, store, make_client, tiny_a, tiny_b
+):
+    image_a, text_a = _reference(tmp_path, tiny_a, "ref-a")
+    image_b, text_b = _reference(tmp_path, tiny_b, "ref-b")
+    assert float(image_a @ image_b) < 0.99 and float(text_a @ text_b) < 0.99
+
+    install_tiny(ModelStore(store), tiny_a)
+    client = make_client(IMMICH_AIO_CONCURRENT_RUNS="2")  # the stalled run below holds one slot
+    np.testing.assert_allclose(vec(predict(client, VISUAL, image=PHOTO)), image_a, atol=1e-5)
+    np.testing.assert_allclose(vec(predict(client, TEXT, text="海边的日落")), text_a, atol=1e-5)
+
+    # An image run is in progress on model A when B is installed over it.
+    old = loaded_model(client.app.state.runtime, "visual")
+    entered, release = threading.Event(), threading.Event()
+    real = old.embed
+
+    def slow(batch):
+        entered.set()
+        release.wait(30)
+        return real(batch)
+
+    old.embed = slow
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(predict, client, VISUAL, PHOTO)
+        assert entered.wait(30)
+        install_tiny(ModelStore(store), tiny_b)
+        # The next requests use B for both towers, while A's run is still going.
+        np.testing.assert_allclose(vec(predict(client, VISUAL, image=PHOTO)), image_b, atol=1e-5)
+        np.testing.assert_allclose(vec(predict(client, TEXT, text="海边的日落")), text_b, atol=1e-5)
+        assert old.session is not None  # still held by the running request
+        release.set()
+        np.testing.assert_allclose(vec(running.result(30)), image_a, atol=1e-5)
+    assert old.session is None  # closed once its last run finished
+    sha = {m["type"]: m["files"]["model"]["sha256"] for m in client.get("/info").json()["models"]}
+    manifest = json.loads((store / "clip" / "CN-CLIP-ViT-B-16" / "manifest.json").read_text())["files"]
+    assert sha == {t: manifest[f"{t}/model.onnx"]["sha256"] for t in ("visual", "textual")}
+
+
+def test_requests_during_repeated_reinstalls_never_mix_models(tmp_path, store, make_client, tiny_a, tiny_b):
+    refs = {"a": _reference(tmp_path, tiny_a, "ref-a"), "b": _reference(tmp_path, tiny_b, "ref-b")}
+    install_tiny(ModelStore(store), tiny_a)
+    client = make_client(MACHINE_LEARNING_REQUEST_THREADS="6")
+    stop = threading.Event()
+    answers: list[tuple[str, np.ndarray]] = []
+
+    def load():
+        while not stop.is_set():
+            answers.append(("image", vec(predict(client, VISUAL, image=PHOTO))))
+            answers.append(("text", vec(predict(client, TEXT, text="海边的日落"))))
+
+    workers = [threading.Thread(target=load) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for model in (tiny_b, tiny_a, tiny_b):
+        time.sleep(0.3)
+        install_tiny(ModelStore(store), model)
+    time.sleep(0.3)
+    stop.set()
+    for w in workers:
+        w.join(60)
+    assert len(answers) > 10
+    for kind, v in answers:
+        index = 0 if kind == "image" else 1
+        assert any(np.allclose(v, ref[index], atol=1e-5) for ref in refs.values()), "a vector from neither model"
+    # after the last install both towers answer with B
+    np.testing.assert_allclose(vec(predict(client, VISUAL, image=PHOTO)), refs["b"][0], atol=1e-5)
+    np.testing.assert_allclose(vec(predict(client, TEXT, text="海边的日落")), refs["b"][1], atol=1e-5)
+
+
+# --- class 6: /info describes what was loaded -----------------------------------------------------
+
+
+def test_info_shows_the_loaded_files_even_after_they_change_or_vanish(client, store):
+    from immich_aio.models.ocr import bundled_model_dir
+    from immich_aio.store import sha256_file
+
+    folder = store / "ocr" / "PP-OCRv5_mobile"
+    for t, f in (("detection", "PP-OCRv6_det_small.onnx"), ("recognition", "PP-OCRv6_rec_small.onnx")):
+        (folder / t).mkdir(parents=True)
+        shutil.copyfile(bundled_model_dir() / f, folder / t / "model.onnx")
+    loaded_sha = sha256_file(folder / "detection" / "model.onnx")
+    assert predict(client, OCR_ENTRIES, image=PHOTO).status_code == 200
+    (folder / "detection" / "model.onnx").write_bytes(b"replaced on disk, not loaded")
+    det = next(m for m in client.get("/info").json()["models"] if m["type"] == "detection")
+    assert det["files"]["model"]["sha256"] == loaded_sha
+    shutil.rmtree(folder)
+    r = client.get("/info")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    det = next(m for m in r.json()["models"] if m["type"] == "detection")
+    assert det["files"]["model"]["sha256"] == loaded_sha
+
+
+# --- class 7: one bad store entry -----------------------------------------------------------------
+
+
+def test_a_store_entry_leading_outside_affects_only_itself(tmp_path, store, make_client, tiny_a):
+    install_tiny(ModelStore(store), tiny_a)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (store / "clip" / "evil").symlink_to(outside)
+    (store / "ocr").mkdir()
+    (store / "ocr" / "evil").symlink_to(outside)
+    with captured_logs() as logs:
+        client = make_client()
+        for _ in range(3):
+            assert predict(client, VISUAL, image=PHOTO).status_code == 200
+            assert predict(client, OCR_ENTRIES, image=PHOTO).status_code == 200
+        assert predict(client, {"clip": {"visual": {"modelName": "evil"}}}, image=PHOTO).status_code == 400
+        info = client.get("/info").json()
+    assert set(info["skippedStoreEntries"]) == {"clip/evil", "ocr/evil"}
+    warnings = [line for line in logs.lines(logging.WARNING) if "clip/evil" in line]
+    assert len(warnings) == 1
+
+
+# --- class 12: whole-string name checks -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["PP-OCRv5_mobile\n", " PP-OCRv5_mobile", "PP-OCRv5_mobile\x00"])
+def test_names_must_match_as_whole_strings(client, name):
+    entries = {"ocr": {"detection": {"modelName": name}, "recognition": {"modelName": name}}}
+    assert predict(client, entries, image=PHOTO).status_code == 400
+
+
+# --- class 13: disconnects and shutdown -----------------------------------------------------------
+
+
+def test_sigterm_with_a_backlog_answers_json_503_and_exits_0(store):
+    image = (FIXTURES / "ocr" / "small_text_1440.jpg").read_bytes()
+    with server_process(store, IMMICH_AIO_SHUTDOWN_GRACE_S="0.5", IMMICH_AIO_CONCURRENT_RUNS="1") as (url, proc):
+
+        def post():
+            try:
+                return httpx.post(
+                    url + "/predict", data={"entries": json.dumps(OCR_ENTRIES)}, files={"image": image}, timeout=120
+                )
+            except httpx.HTTPError as e:
+                return e
+
+        assert post().status_code == 200
+        with ThreadPoolExecutor(10) as pool:
+            futures = [pool.submit(post) for _ in range(10)]
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            late = post()
+            results = [f.result(120) for f in futures]
+        code = proc.wait(60)
+        out = proc.stdout.read().decode(errors="replace")
+    assert code == 0, out
+    assert "Traceback" not in out
+    statuses = [r.status_code for r in results]
+    assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+    for r in results:
+        if r.status_code == 503:
+            assert r.headers["content-type"] == "application/json" and "Shutting down" in r.json()["detail"]
+    assert isinstance(late, httpx.HTTPError) or (late.status_code == 503 and "Shutting down" in late.json()["detail"])
+    assert "Stopped: requests finished, models unloaded" in out
