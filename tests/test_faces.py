@@ -204,8 +204,10 @@ def test_nms_and_similarity_transform_units():
 def test_fetch_pack_from_hf_endpoint(tmp_path, monkeypatch, capsys):
     src = install_pack(tmp_path / "src", "buffalo_l")
     with FakeHub() as hub:
-        for t in ("detection", "recognition"):
-            hub.files[f"/immich-app/buffalo_s/resolve/main/{t}/model.onnx"] = (src / t / "model.onnx").read_bytes()
+        hub.add_hf_repo(
+            "immich-app/buffalo_s",
+            {f"{t}/model.onnx": (src / t / "model.onnx").read_bytes() for t in ("detection", "recognition")},
+        )
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         store = tmp_path / "models"
         assert models_main(["--store", str(store), "faces", "--pack", "buffalo_s"]) == 0
@@ -239,13 +241,11 @@ def test_fetch_pack_from_insightface_zip(tmp_path, monkeypatch):
 def test_fetch_pack_refuses_files_that_are_not_face_models(tmp_path, monkeypatch, capsys):
     src = install_pack(tmp_path / "src", "buffalo_l")
     with FakeHub() as hub:
-        # detector and recogniser swapped
-        hub.files["/immich-app/buffalo_l/resolve/main/detection/model.onnx"] = (
-            src / "recognition" / "model.onnx"
-        ).read_bytes()
-        hub.files["/immich-app/buffalo_l/resolve/main/recognition/model.onnx"] = (
-            src / "detection" / "model.onnx"
-        ).read_bytes()
+        swapped = {  # detector and recogniser swapped
+            "detection/model.onnx": (src / "recognition" / "model.onnx").read_bytes(),
+            "recognition/model.onnx": (src / "detection" / "model.onnx").read_bytes(),
+        }
+        hub.add_hf_repo("immich-app/buffalo_l", swapped)
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         assert models_main(["--store", str(tmp_path / "models"), "faces", "--pack", "buffalo_l"]) == 1
     assert "not an SCRFD detector" in capsys.readouterr().err

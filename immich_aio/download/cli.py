@@ -29,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     clip.add_argument(
         "--arch", default="ViT-B-16", help="ViT-B-16 (512-d), ViT-L-14, ViT-L-14-336 (768-d), ViT-H-14, RN50 (1024-d)"
     )
+    clip.add_argument(
+        "--family",
+        choices=["cn-clip", "qa-clip"],
+        default="cn-clip",
+        help="cn-clip: OFA-Sys Chinese-CLIP; qa-clip: TencentARC QA-CLIP (same architecture; no ViT-H-14)",
+    )
     clip.add_argument("--source", choices=["hf", "modelscope"], default="hf", help="hub (hf honours HF_ENDPOINT)")
     clip.add_argument("--fp16", action="store_true", help="fp16 weights (for GPU hosts); I/O stays float32")
     clip.add_argument("--name", help="store folder name (default CN-CLIP-<arch>)")
@@ -69,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
 
             fetch_pack(store, args.pack, args.source)
             return 0
+    except KeyboardInterrupt:
+        print("\nimmich-aio models: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     except (DownloadError, RuntimeError, ValueError, OSError) as e:
         print(f"immich-aio models: {e}", file=sys.stderr)
         return 1
@@ -78,8 +87,12 @@ def main(argv: list[str] | None = None) -> int:
 def _clip(store: ModelStore, args: argparse.Namespace) -> int:
     from immich_aio.download import clip
 
-    if args.arch not in clip.RELEASES:
-        print(f"immich-aio models: unknown --arch {args.arch!r}; one of {', '.join(clip.RELEASES)}", file=sys.stderr)
+    releases = clip.RELEASES[args.family]
+    if args.arch not in releases:
+        print(
+            f"immich-aio models: {args.family} has no --arch {args.arch!r}; one of {', '.join(releases)}",
+            file=sys.stderr,
+        )
         return 2
     if bool(args.onnx_image) != bool(args.onnx_text):
         print("immich-aio models: --onnx-image and --onnx-text go together", file=sys.stderr)
@@ -89,12 +102,12 @@ def _clip(store: ModelStore, args: argparse.Namespace) -> int:
             store,
             args.onnx_image,
             args.onnx_text,
-            args.name or clip.served_name(args.arch),
+            args.name or clip.served_name(args.arch, args.family),
             vocab=args.vocab,
             source=args.source,
         )
     else:
-        clip.fetch_and_export(store, args.arch, args.source, args.fp16, args.name)
+        clip.fetch_and_export(store, args.arch, args.source, args.fp16, args.name, args.family)
     print("Next: set Immich's Smart Search model to a name of the same dimension (ViT-B-32__openai for 512-d),")
     print("restart the Immich server (it caches query vectors) and run Smart Search for all assets.")
     return 0

@@ -1,5 +1,9 @@
-"""Getting CN-CLIP models: official checkpoints from Hugging Face / ModelScope exported to ONNX, or
-ready-made official-format ONNX files imported after validation."""
+"""Getting Chinese-CLIP-architecture models: CN-CLIP (OFA-Sys) and QA-CLIP (TencentARC) checkpoints from
+Hugging Face / ModelScope exported to ONNX, or ready-made official-format ONNX files imported after validation.
+
+QA-CLIP keeps Chinese-CLIP's architecture, tokenizer and checkpoint format, so it is fetched, exported and
+served exactly like CN-CLIP, under its own names (QA-CLIP-<arch>).
+"""
 
 from __future__ import annotations
 
@@ -10,59 +14,114 @@ from pathlib import Path
 
 import numpy as np
 
-from immich_aio.download.fetch import download, hf_url, modelscope_url
+from immich_aio.download import hf
+from immich_aio.download.fetch import DownloadError, download, forget, modelscope_listing, modelscope_url
 from immich_aio.download.install import staged
+from immich_aio.download.validate import torch_checkpoint, vocabulary
 from immich_aio.protocol import CLIP
 from immich_aio.store import ModelStore, clean_name
 
 
 @dataclass(frozen=True)
 class Release:
-    repo: str  # same repository name under OFA-Sys (Hugging Face) and AI-ModelScope (ModelScope)
-    checkpoint: str
+    family: str  # the served name's prefix: CN-CLIP or QA-CLIP
+    arch: str  # cn_clip's architecture name (model_configs)
+    hf_repo: str
+    checkpoint: str  # file in the repo
     image_size: int
     embed_dim: int
+    modelscope_repo: str | None = None
 
 
-RELEASES = {
-    "ViT-B-16": Release("chinese-clip-vit-base-patch16", "clip_cn_vit-b-16.pt", 224, 512),
-    "ViT-L-14": Release("chinese-clip-vit-large-patch14", "clip_cn_vit-l-14.pt", 224, 768),
-    "ViT-L-14-336": Release("chinese-clip-vit-large-patch14-336px", "clip_cn_vit-l-14-336.pt", 336, 768),
-    "ViT-H-14": Release("chinese-clip-vit-huge-patch14", "clip_cn_vit-h-14.pt", 224, 1024),
-    "RN50": Release("chinese-clip-rn50", "clip_cn_rn50.pt", 224, 1024),
+def _cn(arch: str, repo: str, ckpt: str, size: int, dim: int) -> Release:
+    return Release("CN-CLIP", arch, f"OFA-Sys/{repo}", ckpt, size, dim, f"AI-ModelScope/{repo}")
+
+
+def _qa(arch: str, ckpt: str, size: int, dim: int) -> Release:
+    return Release("QA-CLIP", arch, "TencentARC/QA-CLIP", ckpt, size, dim)
+
+
+RELEASES: dict[str, dict[str, Release]] = {
+    "cn-clip": {
+        "ViT-B-16": _cn("ViT-B-16", "chinese-clip-vit-base-patch16", "clip_cn_vit-b-16.pt", 224, 512),
+        "ViT-L-14": _cn("ViT-L-14", "chinese-clip-vit-large-patch14", "clip_cn_vit-l-14.pt", 224, 768),
+        "ViT-L-14-336": _cn(
+            "ViT-L-14-336", "chinese-clip-vit-large-patch14-336px", "clip_cn_vit-l-14-336.pt", 336, 768
+        ),
+        "ViT-H-14": _cn("ViT-H-14", "chinese-clip-vit-huge-patch14", "clip_cn_vit-h-14.pt", 224, 1024),
+        "RN50": _cn("RN50", "chinese-clip-rn50", "clip_cn_rn50.pt", 224, 1024),
+    },
+    "qa-clip": {
+        "ViT-B-16": _qa("ViT-B-16", "QA-CLIP-base.pt", 224, 512),
+        "ViT-L-14": _qa("ViT-L-14", "QA-CLIP-large.pt", 224, 768),
+        "ViT-L-14-336": _qa("ViT-L-14-336", "QA-CLIP-large-336.pt", 336, 768),
+        "RN50": _qa("RN50", "QA-CLIP-RN50.pt", 224, 1024),
+    },
 }
+# Every release shares BERT-Chinese's vocabulary; it is fetched from the CN-CLIP ViT-B-16 repository.
+VOCAB = RELEASES["cn-clip"]["ViT-B-16"]
 
 
-def served_name(arch: str) -> str:
-    return f"CN-CLIP-{arch}"
+def served_name(arch: str, family: str = "cn-clip") -> str:
+    return f"{RELEASES[family][arch].family}-{arch}"
 
 
-def hub_url(release: Release, filename: str, source: str) -> str:
+def _fetch(store: ModelStore, release: Release, filename: str, source: str, validate) -> Path:
+    """One file of a release from Hugging Face (huggingface_hub, verified) or ModelScope (own client)."""
     if source == "modelscope":
-        return modelscope_url(f"AI-ModelScope/{release.repo}", filename)
-    return hf_url(f"OFA-Sys/{release.repo}", filename)
+        if release.modelscope_repo is None:
+            raise DownloadError(f"{release.family} is not on ModelScope; use --source hf (HF_ENDPOINT for a mirror)")
+        listed = modelscope_listing(release.modelscope_repo).get(filename, {})
+        sha = listed.get("sha256") if isinstance(listed.get("sha256"), str) else None
+        size = listed.get("size") if isinstance(listed.get("size"), int) else None
+        dest = store.root / ".downloads" / "modelscope" / release.modelscope_repo.replace("/", "--") / filename
+        return download(modelscope_url(release.modelscope_repo, filename), dest, sha, size=size, validate=validate)
+    snapshot = hf.fetch(store.root, release.hf_repo, (filename,))
+    path = snapshot.path(filename)
+    try:
+        validate(path)
+    except ValueError as e:
+        hf.forget(snapshot.folder, filename)
+        raise DownloadError(f"{filename} from {release.hf_repo} is not usable: {e}; deleted it, run again") from e
+    return path
 
 
-def fetch_vocab(store: ModelStore, release: Release, source: str) -> Path:
-    return download(hub_url(release, "vocab.txt", source), store.root / ".downloads" / f"{release.repo}-vocab.txt")
+def fetch_vocab(store: ModelStore, source: str) -> Path:
+    return _fetch(store, VOCAB, "vocab.txt", source, vocabulary)
 
 
 def fetch_and_export(
-    store: ModelStore, arch: str, source: str = "hf", fp16: bool = False, name: str | None = None
+    store: ModelStore,
+    arch: str,
+    source: str = "hf",
+    fp16: bool = False,
+    name: str | None = None,
+    family: str = "cn-clip",
 ) -> Path:
-    """Download `clip_cn_<arch>.pt` (+ vocab), export both towers, install as CN-CLIP-<arch>."""
+    """Download `<checkpoint>.pt` (+ vocab), export both towers, install as <family>-<arch>."""
     from immich_aio.download import clip_export
 
     clip_export.require()
-    release = RELEASES[arch]
-    print(f"Fetching {release.checkpoint} from {'ModelScope' if source == 'modelscope' else 'Hugging Face'}")
-    checkpoint = download(hub_url(release, release.checkpoint, source), store.root / ".downloads" / release.checkpoint)
-    vocab = fetch_vocab(store, release, source)
-    print(f"Exporting {arch} to ONNX{' (fp16)' if fp16 else ''}")
-    model = clip_export.model_from_checkpoint(checkpoint, clip_export.arch_config(arch))
-    target = name or served_name(arch)
+    release = RELEASES[family][arch]
+    where = "ModelScope" if source == "modelscope" else hf.endpoint()
+    print(f"Fetching {release.checkpoint} ({release.family} {arch}) from {where}")
+    checkpoint = _fetch(store, release, release.checkpoint, source, torch_checkpoint)
+    vocab = fetch_vocab(store, source)
+    print(f"Exporting {release.family} {arch} to ONNX{' (fp16)' if fp16 else ''}")
+    try:
+        model = clip_export.model_from_checkpoint(checkpoint, clip_export.arch_config(arch))
+    except (RuntimeError, KeyError, ValueError, EOFError) as e:
+        forget(checkpoint)
+        hf.forget(checkpoint.parent, release.checkpoint)
+        raise DownloadError(
+            f"{release.checkpoint} could not be read as a {release.family} {arch} checkpoint ({e}); "
+            "deleted it, run the command again"
+        ) from e
+    target = name or served_name(arch, family)
     with staged(store, CLIP, target) as stage:
         config = clip_export.export(model, stage, release.image_size, fp16=fp16)
+        config["family"] = release.family
+        (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(vocab, stage / "textual" / "vocab.txt")
     print(f"Installed {target} ({config['embed_dim']}-d) in {store.model_dir(CLIP, target)}")
     return store.model_dir(CLIP, target)
@@ -117,9 +176,11 @@ def import_onnx(
     if image_dim != text_dim:
         raise InvalidModel(f"image tower gives {image_dim}-d features but text tower {text_dim}-d: not a pair")
     if vocab is None:
-        vocab = fetch_vocab(store, RELEASES["ViT-B-16"], source)  # all CN-CLIP releases share this vocabulary
-    if len(vocab.read_text(encoding="utf-8").splitlines()) < 1000:
-        raise InvalidModel(f"{vocab} does not look like a BERT vocabulary")
+        vocab = fetch_vocab(store, source)  # every release shares this vocabulary
+    try:
+        vocabulary(vocab)
+    except ValueError as e:
+        raise InvalidModel(f"{vocab}: {e}") from e
 
     with staged(store, CLIP, name) as stage:
         for folder, src in (("visual", image_file), ("textual", text_file)):

@@ -2,7 +2,8 @@
 release zips, validated and laid out as Immich ML does.
 
 The weights are licensed for non-commercial research use only; they are fetched on request and
-never shipped with immich-aio.
+never shipped with immich-aio. A pack is installed whole (detector and recogniser together) or not
+at all.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from immich_aio.download.fetch import download, hf_url
+from immich_aio.download import hf
+from immich_aio.download.fetch import download, forget
 from immich_aio.download.install import staged
+from immich_aio.download.validate import load_onnx, zip_with
 from immich_aio.protocol import DETECTION, FACES, RECOGNITION
 from immich_aio.store import ModelStore
 
@@ -26,7 +29,6 @@ PACK_FILES = {
 }
 DEFAULT_RELEASES = "https://github.com/deepinsight/insightface/releases/download/v0.7"
 LICENCE = "InsightFace models are licensed for non-commercial research purposes only."
-HF_HINT = "Use a mirror with HF_ENDPOINT=https://hf-mirror.com, or --source insightface"
 RELEASES_HINT = (
     "Set INSIGHTFACE_RELEASES_URL to a mirror of InsightFace's release files, or use --source hf "
     "(with HF_ENDPOINT=https://hf-mirror.com if needed)"
@@ -35,12 +37,9 @@ RELEASES_HINT = (
 
 def validate(detector: Path, recognizer: Path) -> None:
     """Refuse files that are not an SCRFD detector and a 512-d ArcFace recogniser."""
-    import onnxruntime as ort
-
-    det = ort.InferenceSession(str(detector), providers=["CPUExecutionProvider"])
+    det, rec = load_onnx(detector), load_onnx(recognizer)
     if len(det.get_outputs()) not in (6, 9, 10, 15) or len(det.get_inputs()[0].shape) != 4:
         raise ValueError(f"{detector.name} is not an SCRFD detector ({len(det.get_outputs())} outputs)")
-    rec = ort.InferenceSession(str(recognizer), providers=["CPUExecutionProvider"])
     shape, out = rec.get_inputs()[0].shape, rec.get_outputs()[0].shape
     if shape[2:] != [112, 112] or out[-1] != 512:
         raise ValueError(f"{recognizer.name} is not a 512-d ArcFace recogniser (input {shape}, output {out})")
@@ -50,23 +49,40 @@ def fetch_pack(store: ModelStore, pack: str, source: str = "hf") -> Path:
     if pack not in PACK_FILES:
         raise ValueError(f"unknown pack {pack!r}; one of {', '.join(PACK_FILES)}")
     print(LICENCE)
-    downloads = store.root / ".downloads" / pack
     if source == "hf":
-        files = {
-            t: download(hf_url(f"immich-app/{pack}", f"{t}/model.onnx"), downloads / f"{t}.onnx")
-            for t in (DETECTION, RECOGNITION)
-        }
+        snapshot = hf.fetch(store.root, f"immich-app/{pack}", (f"{DETECTION}/model.onnx", f"{RECOGNITION}/model.onnx"))
+        files = {t: snapshot.path(f"{t}/model.onnx") for t in (DETECTION, RECOGNITION)}
+        try:
+            validate(files[DETECTION], files[RECOGNITION])
+        except ValueError as e:
+            hf.discard(snapshot)
+            raise ValueError(f"immich-app/{pack} from {hf.endpoint()}: {e}; deleted the download, run again") from e
+        _install(store, pack, files)
+        hf.discard(snapshot)
     else:
         base = os.environ.get("INSIGHTFACE_RELEASES_URL", DEFAULT_RELEASES).rstrip("/")
-        archive = download(f"{base}/{pack}.zip", downloads / f"{pack}.zip", hint=RELEASES_HINT)
+        downloads = store.root / ".downloads" / pack
+        archive = download(
+            f"{base}/{pack}.zip", downloads / f"{pack}.zip", validate=zip_with(PACK_FILES[pack]), hint=RELEASES_HINT
+        )
         files = _unzip(archive, pack, downloads)
-    validate(files[DETECTION], files[RECOGNITION])
+        try:
+            validate(files[DETECTION], files[RECOGNITION])
+        except ValueError as e:
+            forget(archive)
+            raise ValueError(f"{pack}.zip from {base}: {e}; deleted the download, run again") from e
+        _install(store, pack, files)
+        forget(archive)
+        shutil.rmtree(downloads, ignore_errors=True)
+    print(f"Installed {pack} in {store.model_dir(FACES, pack)}")
+    return store.model_dir(FACES, pack)
+
+
+def _install(store: ModelStore, pack: str, files: dict[str, Path]) -> None:
     with staged(store, FACES, pack) as stage:
         for type_, src in files.items():
             (stage / type_).mkdir()
             shutil.copyfile(src, stage / type_ / "model.onnx")
-    print(f"Installed {pack} in {store.model_dir(FACES, pack)}")
-    return store.model_dir(FACES, pack)
 
 
 def _unzip(archive: Path, pack: str, into: Path) -> dict[str, Path]:
@@ -81,7 +97,4 @@ def _unzip(archive: Path, pack: str, into: Path) -> dict[str, Path]:
                 with zf.open(info) as src, out.open("wb") as dst:
                     shutil.copyfileobj(src, dst)
                 found[wanted[base]] = out
-    missing = [f for f, t in wanted.items() if t not in found]
-    if missing:
-        raise ValueError(f"{archive.name} lacks {', '.join(missing)}")
     return found

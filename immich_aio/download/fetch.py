@@ -1,19 +1,32 @@
-"""Resumable HTTP downloads with progress, for model hubs and their mirrors.
+"""Resumable HTTP downloads with progress, for sources that are not Hugging Face (ModelScope, release zips).
 
-A download goes to `<dest>.part` and is renamed only when complete (and verified when a sha256
-is known), so a half-written file is never used; an interrupted download resumes with a Range
-request next time.
+Hugging Face goes through `huggingface_hub` (hf.py). For the rest, a small client on the standard
+library: those sources are plain HTTPS files, and this keeps the server's dependencies unchanged.
+
+The rules, learned from a faulty mirror:
+- a download goes to `<dest>.part` and becomes `<dest>` only when complete and validated: its size is
+  the one announced (Content-Length / Content-Range, or the hub's listing), its sha256 the expected one
+  when known, and its content passes a check of what it should be (an ONNX model, a zip with the
+  members needed, a text vocabulary). What fails is deleted, with a message saying what was wrong;
+- a finished file is trusted on a later run only through the record written when it was validated
+  (`<dest>.verified`, holding its size, mtime and sha256), never just because it exists;
+- an interrupted download resumes with a Range request; an HTML page served with status 200 (a login or
+  error page from a mirror) is recognised as such;
+- credentials are never sent by this client, and none would follow a redirect to another origin.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -23,28 +36,61 @@ MIRROR_HELP = (
     "or --source modelscope (MODELSCOPE_ENDPOINT to override https://www.modelscope.cn)"
 )
 
+Validator = Callable[[Path], None]  # raises ValueError saying what the file is not
+
 
 class DownloadError(RuntimeError):
     pass
 
 
-def hf_url(repo: str, filename: str, revision: str = "main") -> str:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    return f"{endpoint}/{repo}/resolve/{revision}/{filename}"
-
-
 def modelscope_url(repo: str, filename: str, revision: str = "master") -> str:
-    endpoint = os.environ.get("MODELSCOPE_ENDPOINT", "https://www.modelscope.cn").rstrip("/")
+    endpoint = (os.environ.get("MODELSCOPE_ENDPOINT") or "https://www.modelscope.cn").rstrip("/")
     return f"{endpoint}/models/{repo}/resolve/{revision}/{filename}"
 
 
-def _headers(url: str) -> dict[str, str]:
-    headers = {"User-Agent": "immich-aio-downloader"}
-    token = os.environ.get("HF_TOKEN")
-    hf_host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    if token and url.startswith(hf_host):
-        headers["Authorization"] = f"Bearer {token}"
-    return headers
+def modelscope_listing(repo: str, revision: str = "master") -> dict[str, dict[str, object]]:
+    """Sizes and sha256 sums ModelScope publishes for a repo's files (empty if the listing is unavailable)."""
+    endpoint = (os.environ.get("MODELSCOPE_ENDPOINT") or "https://www.modelscope.cn").rstrip("/")
+    url = f"{endpoint}/api/v1/models/{repo}/repo/files?Revision={revision}&Recursive=true"
+    try:
+        with _opener().open(urllib.request.Request(url, headers=_HEADERS), timeout=30) as r:
+            data = json.loads(r.read(8 << 20))
+        files = data["Data"]["Files"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+        return {}
+    out: dict[str, dict[str, object]] = {}
+    for f in files if isinstance(files, list) else []:
+        if isinstance(f, dict) and isinstance(f.get("Path"), str) and f.get("Type") != "tree":
+            out[f["Path"]] = {"size": f.get("Size"), "sha256": f.get("Sha256")}
+    return out
+
+
+_HEADERS = {"User-Agent": "immich-aio-downloader"}
+_SENSITIVE = ("authorization", "cookie", "proxy-authorization")
+
+
+class _SameOriginCredentials(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but never carry credentials to another origin (scheme, host, port)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(req.full_url) != _origin(newurl):
+            for name in list(new.headers):
+                if name.lower() in _SENSITIVE:
+                    del new.headers[name]
+            for name in list(new.unredirected_hdrs):
+                if name.lower() in _SENSITIVE:
+                    del new.unredirected_hdrs[name]
+        return new
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    p = urllib.parse.urlsplit(url)
+    return (p.scheme, (p.hostname or "").lower(), p.port or {"http": 80, "https": 443}.get(p.scheme))
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_SameOriginCredentials)
 
 
 class Progress:
@@ -71,22 +117,54 @@ class Progress:
         print(f"  {self.label}:{pct} {size} {rate:.1f} MB/s", end=end, file=self.stream, flush=True)
 
 
-def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30, hint: str = MIRROR_HELP) -> Path:
-    """Fetch url to dest (resuming dest.part), verify, rename into place; returns dest.
+def _record_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".verified")
+
+
+def _trusted(dest: Path, sha256: str | None) -> bool:
+    """A finished download whose validation record still describes it (and the sha256 wanted, if any)."""
+    try:
+        record = json.loads(_record_path(dest).read_text())
+        st = dest.stat()
+    except (OSError, ValueError):
+        return False
+    if record.get("size") != st.st_size or record.get("mtime_ns") != st.st_mtime_ns:
+        return False
+    return sha256 is None or record.get("sha256") == sha256.lower()
+
+
+def forget(dest: Path) -> None:
+    """Delete a download and everything about it (the next run starts from scratch)."""
+    for p in (dest, dest.with_name(dest.name + ".part"), _record_path(dest)):
+        p.unlink(missing_ok=True)
+
+
+def download(
+    url: str,
+    dest: Path,
+    sha256: str | None = None,
+    *,
+    size: int | None = None,
+    validate: Validator | None = None,
+    timeout: float = 30,
+    hint: str = MIRROR_HELP,
+) -> Path:
+    """Fetch url to dest (resuming dest.part), check it, rename it into place; returns dest.
 
     `hint` is appended to network errors: how to reach this source through a mirror.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.is_file() and (sha256 is None or _sha256(dest) == sha256.lower()):
-        return dest  # complete from an earlier run (only finished downloads are ever renamed to dest)
+    if dest.is_file():
+        if _trusted(dest, sha256):
+            return dest  # validated by an earlier run and unchanged since
+        forget(dest)  # unknown provenance: never trusted just because it exists
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
-    headers = _headers(url)
+    headers = dict(_HEADERS)
     if have:
         headers["Range"] = f"bytes={have}-"
-    request = urllib.request.Request(url, headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        response = _opener().open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # the part file is already complete
             response = None
@@ -95,34 +173,75 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
     except (urllib.error.URLError, TimeoutError, OSError) as e:
         raise DownloadError(f"Could not reach {url} ({getattr(e, 'reason', e)}). {hint}") from e
 
+    total = size
     if response is not None:
         with response:
+            if response.headers.get_content_type() == "text/html":
+                forget(dest)
+                raise DownloadError(
+                    f"{url} answered with an HTML page (status {response.status}), not the file: a login, error or "
+                    f"captcha page from the server or a mirror. Nothing was kept. {hint}"
+                )
             resumed = response.status == 206
             if not resumed:
                 have = 0
-            length = response.headers.get("Content-Length")
-            total = have + int(length) if length and length.isdigit() else None
+            announced = _announced_total(response, have, resumed)
+            if total is not None and announced is not None and announced != total:
+                forget(dest)
+                raise DownloadError(
+                    f"{url} announces {announced} bytes but the source lists {total}: the file changed or the mirror "
+                    f"serves another one. Nothing was kept. {hint}"
+                )
+            total = total or announced
             progress = Progress(dest.name + (" (resumed)" if resumed else ""), total, have)
             try:
                 with part.open("ab" if resumed else "wb") as f:
                     while block := response.read(CHUNK):
                         f.write(block)
                         progress.update(len(block))
+                        if total is not None and progress.done > total:
+                            break
             except (OSError, TimeoutError, http.client.HTTPException) as e:
                 raise DownloadError(f"Download of {url} broke off ({e}); run the command again to resume") from e
             progress.finish()
-            if total is not None and part.stat().st_size != total:
-                raise DownloadError(
-                    f"Download of {url} ended at {part.stat().st_size} of {total} bytes; "
-                    "run the command again to resume"
-                )
-    if sha256:
-        digest = _sha256(part)
-        if digest != sha256.lower():
-            part.unlink()
-            raise DownloadError(f"{dest.name}: sha256 {digest} does not match the expected {sha256}; removed it")
+    got = part.stat().st_size if part.exists() else 0
+    if total is not None and got < total:
+        raise DownloadError(f"Download of {url} ended at {got} of {total} bytes; run the command again to resume")
+    if total is not None and got > total:
+        forget(dest)
+        raise DownloadError(f"Download of {url} is longer than the {total} bytes announced; deleted it. {hint}")
+    digest = _sha256(part)
+    if sha256 and digest != sha256.lower():
+        forget(dest)
+        raise DownloadError(
+            f"{dest.name}: sha256 {digest} does not match the expected {sha256}; deleted it. Run the command again; "
+            f"if this repeats, the source or mirror serves another file. {hint}"
+        )
+    if validate is not None:
+        try:
+            validate(part)
+        except (ValueError, OSError) as e:
+            forget(dest)
+            raise DownloadError(
+                f"{dest.name} from {url} is not usable: {e}. It was deleted; run the command again. If this repeats, "
+                f"the source or mirror serves something else. {hint}"
+            ) from e
     part.replace(dest)
+    st = dest.stat()
+    _record_path(dest).write_text(
+        json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest, "url": url})
+    )
     return dest
+
+
+def _announced_total(response, have: int, resumed: bool) -> int | None:
+    if resumed:
+        content_range = response.headers.get("Content-Range", "")
+        total = content_range.rpartition("/")[2]
+        if total.isdigit():
+            return int(total)
+    length = response.headers.get("Content-Length")
+    return have + int(length) if length and length.isdigit() else None
 
 
 def _sha256(path: Path) -> str:

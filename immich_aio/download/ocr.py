@@ -11,11 +11,12 @@ import os
 import shutil
 from pathlib import Path
 
-from immich_aio.download.fetch import download
+from immich_aio.download.fetch import download, forget
 from immich_aio.download.install import staged
+from immich_aio.download.validate import load_onnx
 from immich_aio.names.ocr import IMMICH_NAMES, store_folder
 from immich_aio.protocol import DETECTION, OCR, RECOGNITION
-from immich_aio.store import ModelStore
+from immich_aio.store import ModelStore, sha256_file
 
 OFFICIAL = "https://www.modelscope.cn"
 HINT = "Set MODELSCOPE_ENDPOINT to a reachable ModelScope mirror, or copy the files into the store by hand"
@@ -48,29 +49,43 @@ def _url(official: str) -> str:
     return mirror.rstrip("/") + official[len(OFFICIAL) :] if mirror and official.startswith(OFFICIAL) else official
 
 
-def validate(type_: str, path: Path) -> None:
-    import onnxruntime as ort
+def validator(type_: str):
+    def check(path: Path) -> None:
+        session = load_onnx(path)
+        if len(session.get_inputs()[0].shape) != 4:
+            raise ValueError(f"not a PP-OCR model (input {session.get_inputs()[0].shape})")
+        if type_ == RECOGNITION and "character" not in session.get_modelmeta().custom_metadata_map:
+            raise ValueError("no 'character' metadata: not a PP-OCR ONNX recogniser")
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    if len(session.get_inputs()[0].shape) != 4:
-        raise ValueError(f"{path.name} is not a PP-OCR model (input {session.get_inputs()[0].shape})")
-    if type_ == RECOGNITION and "character" not in session.get_modelmeta().custom_metadata_map:
-        raise ValueError(f"{path.name} has no 'character' metadata: not a PP-OCR ONNX recogniser")
+    return check
 
 
 def fetch(store: ModelStore, name: str) -> dict[str, Path]:
+    """Download and check both models first; install them only when both are good (never half a model)."""
     entries = registry()
-    installed = {}
+    downloaded, fetched = {}, []
     for type_, key in model_keys(name).items():
         entry = entries[key]
-        path = download(
-            _url(entry["model_dir"]), store.root / ".downloads" / f"{key}.onnx", sha256=entry["SHA256"], hint=HINT
+        installed = store.path(OCR, store_folder(name, type_), type_, "model.onnx")
+        if installed.is_file() and sha256_file(installed) == entry["SHA256"].lower():
+            downloaded[type_] = installed  # e.g. the detector shared with another language: already there
+            continue
+        fetched.append(type_)
+        downloaded[type_] = download(
+            _url(entry["model_dir"]),
+            store.root / ".downloads" / f"{key}.onnx",
+            sha256=entry["SHA256"],
+            validate=validator(type_),
+            hint=HINT,
         )
-        validate(type_, path)
+    # The detector first: the server uses a name's files only once its recogniser is there too.
+    for type_ in fetched:
         folder = store_folder(name, type_)
         with staged(store, OCR, folder, keep_existing=True) as stage:
             (stage / type_).mkdir(exist_ok=True)
-            shutil.copyfile(path, stage / type_ / "model.onnx")
-        installed[type_] = store.path(OCR, folder, type_, "model.onnx")
-        print(f"Installed {key} as {installed[type_].relative_to(store.root)}")
-    return installed
+            shutil.copyfile(downloaded[type_], stage / type_ / "model.onnx")
+        where = store.path(OCR, folder, type_, "model.onnx").relative_to(store.root)
+        print(f"Installed {model_keys(name)[type_]} as {where}")
+    for type_ in fetched:
+        forget(downloaded[type_])
+    return {t: store.path(OCR, store_folder(name, t), t, "model.onnx") for t in (DETECTION, RECOGNITION)}
