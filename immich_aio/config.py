@@ -170,7 +170,7 @@ class Settings:
     batch_max_wait_ms: float = 0.0
     concurrent_runs: int = 0  # 0: cores // intra-op threads on CPU, 2 with CUDA
     keepalive_s: float = 2.0
-    header_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     max_connections: int = 1000
     max_queued: int = 128
@@ -225,7 +225,7 @@ class Settings:
             batch_max_wait_ms=env.number("IMMICH_AIO_BATCH_MAX_WAIT_MS", 0.0, 0, 1000),
             concurrent_runs=env.integer("IMMICH_AIO_CONCURRENT_RUNS", 0, 0, 256),
             keepalive_s=env.number("MACHINE_LEARNING_HTTP_KEEPALIVE_TIMEOUT_S", 2.0, 0.1, 3600),
-            header_timeout_s=env.number("IMMICH_AIO_HEADER_TIMEOUT_S", 30.0, 0.1, 3600),
+            header_timeout_s=env.number("IMMICH_AIO_HEADER_TIMEOUT_S", 10.0, 0.1, 3600),
             body_timeout_s=env.number("IMMICH_AIO_BODY_TIMEOUT_S", 60.0, 0.1, 3600),
             max_connections=env.integer("IMMICH_AIO_MAX_CONNECTIONS", 1000, 8, 100_000),
             # Requests admitted at once (reading, queued or running); each holds its upload (spooled to

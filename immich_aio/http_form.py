@@ -16,9 +16,9 @@ from typing import BinaryIO
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from immich_aio.errors import BadRequest, PayloadTooLarge, RequestTimeout
+from immich_aio.errors import BadRequest, ClientGone, PayloadTooLarge, RequestTimeout
 
 FIELD_SLACK = 1024 * 1024  # room for `entries`, `text` and multipart headers beside the image
 
@@ -51,6 +51,8 @@ async def _bounded(request: Request, limits: ReadLimits) -> AsyncGenerator[bytes
                 chunk = await chunks.__anext__()
         except StopAsyncIteration:
             return
+        except ClientDisconnect:
+            raise ClientGone(f"the client closed the connection while sending its request ({total} bytes in)") from None
         except TimeoutError:
             raise RequestTimeout(
                 f"The request body stopped arriving ({total} bytes in; no data for {limits.gap_s:g} s or more than "

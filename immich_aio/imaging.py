@@ -91,16 +91,28 @@ def decode_image(source: ImageSource, max_pixels: int) -> np.ndarray:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    # 16-bit and float greyscale would be clipped by a plain convert("RGB"); scale to 8 bits first.
-    if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
-        arr = np.asarray(image, dtype=np.float64)
-        peak = arr.max() if arr.size else 0
-        arr = arr * (255.0 / peak) if peak > 255 else arr
-        image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-    elif image.mode == "F":
-        arr = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8), "L")
+    # 16-bit, 32-bit and float greyscale would be clipped by a plain convert("RGB"): scale to 8 bits first,
+    # strip by strip, so a large image never has a float64 (or even float32) copy of itself in memory.
+    if image.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
+        arr = np.asarray(image)
+        peak = float(arr.max()) if arr.size else 0.0
+        floats_in_0_1 = image.mode == "F" and peak <= 1.0
+        scale = 255.0 if floats_in_0_1 else (255.0 / peak if peak > 255 else 1.0)
+        out = np.empty(arr.shape, dtype=np.uint8)
+        for top in range(0, arr.shape[0], _STRIP):
+            np.clip(
+                arr[top : top + _STRIP].astype(np.float32) * scale,
+                0,
+                255,
+                out=out[top : top + _STRIP],
+                casting="unsafe",
+            )
+        del arr
+        image = Image.fromarray(out, "L")
     return image.convert("RGB")
+
+
+_STRIP = 256  # rows converted at a time
 
 
 class PixelBudget:

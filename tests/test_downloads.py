@@ -50,7 +50,7 @@ def faces_cli(store: Path, source: str = "insightface") -> list[str]:
 
 def leftovers(store: Path) -> list[Path]:
     downloads = store / ".downloads"
-    return [p for p in downloads.rglob("*") if p.is_file()] if downloads.exists() else []
+    return [p for p in downloads.rglob("*") if p.is_file() and p.name != ".lock"] if downloads.exists() else []
 
 
 # --- class 8: a bad download is never kept --------------------------------------------------------
@@ -259,3 +259,21 @@ def test_ctrl_c_says_how_to_resume_and_the_next_run_resumes(tmp_path, monkeypatc
         monkeypatch.setenv("INSIGHTFACE_RELEASES_URL", hub.url + "/releases")
         assert models_main(faces_cli(store)) == 0
         assert [r.range for r in hub.requests][-1] == f"bytes={have}-"
+
+
+def test_two_installs_on_one_store_do_not_run_at_once(tmp_path, capsys):
+    """A sibling of class 8: two runs would append to the same partial download and race on the renames."""
+    from immich_aio.download.cli import exclusive
+    from immich_aio.store import ModelStore
+
+    store = tmp_path / "models"
+    with exclusive(ModelStore(store)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "immich_aio", "models", *faces_cli(store)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 1
+    assert f"pid {os.getpid()}" in proc.stderr and "wait for it to finish" in proc.stderr

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import immich_aio  # noqa: F401  (telemetry off before onnxruntime loads)
@@ -63,24 +65,56 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list(store, args.verify)
-        if args.command == "clip":
-            return _clip(store, args)
-        if args.command == "ocr":
-            from immich_aio.download.ocr import fetch
-
-            fetch(store, args.name)
-            return 0
-        if args.command == "faces":
-            from immich_aio.download.faces import fetch_pack
-
-            fetch_pack(store, args.pack, args.source)
-            return 0
+        with exclusive(store):
+            return _install(store, args)
     except KeyboardInterrupt:
         print("\nimmich-aio models: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except (DownloadError, RuntimeError, ValueError, OSError) as e:
         print(f"immich-aio models: {e}", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def exclusive(store: ModelStore) -> Iterator[None]:
+    """One install at a time per store: two would share partial downloads and race on the renames."""
+    import fcntl
+
+    lock = store.root / ".downloads" / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RuntimeError(
+                f"another `immich-aio models` ({holder}) is installing into {store.root}; wait for it to finish"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _install(store: ModelStore, args: argparse.Namespace) -> int:
+    if args.command == "clip":
+        return _clip(store, args)
+    if args.command == "ocr":
+        from immich_aio.download.ocr import fetch
+
+        fetch(store, args.name)
+        return 0
+    if args.command == "faces":
+        from immich_aio.download.faces import fetch_pack
+
+        fetch_pack(store, args.pack, args.source)
+        return 0
     return 2
 
 
