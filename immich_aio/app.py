@@ -11,19 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from immich_aio import pipeline
+from immich_aio.access_log import AccessLog
 from immich_aio.config import Settings
 from immich_aio.errors import BadRequest, ClientGone, PredictError
 from immich_aio.http_form import ReadLimits, read_form, read_small_field
 from immich_aio.jobs import Job
+from immich_aio.metrics import endpoint_label, task_label, type_label
 from immich_aio.protocol import check_payload, dumps, parse_entries
 from immich_aio.runtime import Runtime
 
@@ -90,23 +95,51 @@ def refusal(request: Request, error: PredictError, endpoint: str) -> Response | 
     return json_response({"detail": error.detail}, error.status)
 
 
+@dataclass
+class Call:
+    """One inference request as the edge sees it: its job, and what served it (for metrics)."""
+
+    job: Job
+    endpoint: str
+    task: str | None = None
+    served: list[tuple[str, str, str]] = field(default_factory=list)  # (task, type, model)
+
+
 async def answer(
-    request: Request, endpoint: str, work: Callable[[Job], Awaitable[Response]], interactive: bool = False
+    request: Request, endpoint: str, work: Callable[[Call], Awaitable[Response]], interactive: bool = False
 ) -> Response:
-    """Admit a request as a job and run `work(job)`; any error becomes its one logged, JSON answer."""
+    """Admit a request and run `work(call)`; any error becomes its one logged, JSON answer. Counted either way."""
     rt: Runtime = request.app.state.runtime
-    job = None
+    started = time.perf_counter()
+    call: Call | None = None
+    error: PredictError | None = None
     try:
-        job = rt.admit(interactive=interactive)
-        return await work(job)
+        call = Call(rt.admit(interactive=interactive), endpoint)
+        response = await work(call)
     except PredictError as e:
-        return refusal(request, e, endpoint) or Response(status_code=499)
+        error = e
+        response = refusal(request, e, endpoint) or Response(status_code=499)
     except Exception as e:  # last line of defence: a JSON 500, and the server keeps serving
         log.exception("Unexpected error in %s", endpoint)
-        return json_response({"detail": f"Internal error: {type(e).__name__}: {e}"}, 500)
+        error = PredictError(f"Internal error: {type(e).__name__}: {e}")
+        response = json_response({"detail": error.detail}, 500)
     finally:
-        if job is not None:
-            rt.done(job)
+        if call is not None:
+            rt.done(call.job)
+    _count(rt, endpoint, call, error, response.status_code, time.perf_counter() - started)
+    return response
+
+
+def _count(rt: Runtime, endpoint: str, call: Call | None, error: PredictError | None, status: int, s: float) -> None:
+    m = rt.metrics
+    ep = endpoint_label(endpoint)
+    task = (error.task if error else None) or (call.task if call else None)
+    if error is not None:
+        m.requests.labels(ep, task_label(task), type_label(task, error.type), error.served or "", str(status)).inc()
+    elif call is not None:
+        for entry_task, type_, model in call.served or [(task, None, "")]:
+            m.requests.labels(ep, task_label(entry_task), type_label(entry_task, type_), model, str(status)).inc()
+    m.latency.labels(ep, task_label(task)).observe(s)
 
 
 async def root(request: Request) -> Response:
@@ -120,9 +153,11 @@ async def ping(request: Request) -> Response:
 async def predict(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
 
-    async def work(job: Job) -> Response:
+    async def work(call: Call) -> Response:
+        job = call.job
         async with read_form(request, read_limits(rt.settings)) as form:
             entries = parse_entries(await read_small_field(form, "entries"))
+            call.task = entries[0].task
             text = await read_small_field(form, "text") or None
             image = form.files.get("image")
             if image is None and form.fields.get("image"):
@@ -130,6 +165,7 @@ async def predict(request: Request) -> Response:
             check_payload(entries, image is not None, text is not None)
             job.interactive = all(e.needs_text for e in entries)  # a search: the interactive lane
             result = await run_job(request, job, pipeline.run, rt.engine, job, entries, image, text)
+            call.served = result.served
         return json_response(result.body)
 
     return await answer(request, "/predict", work)
@@ -138,6 +174,12 @@ async def predict(request: Request) -> Response:
 async def info(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
     return json_response(await rt.run(rt.info))
+
+
+async def metrics(request: Request) -> Response:
+    rt: Runtime = request.app.state.runtime
+    body, content_type = rt.metrics.exposition()
+    return Response(body, media_type=content_type)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -158,9 +200,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/ping", ping),
         Route("/predict", predict, methods=["POST"]),
         Route("/info", info),
+        Route("/metrics", metrics),
         # Immich v3 resolves `predict`/`ping` relative to the configured URL, so accept any prefix.
         Route("/{prefix:path}/ping", ping),
         Route("/{prefix:path}/predict", predict, methods=["POST"]),
         Route("/{prefix:path}/info", info),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    middleware = [Middleware(AccessLog)] if settings.access_log else []
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)

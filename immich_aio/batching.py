@@ -53,6 +53,8 @@ class RunGate:
         with self._lock:
             if self._free and not self._waiting:
                 self._free -= 1
+                if self._on_wait is not None:
+                    self._on_wait(0.0)
                 return
             turn = threading.Event()
             heapq.heappush(self._waiting, (priority, next(self._arrival), turn))
@@ -119,6 +121,7 @@ class Batcher(Generic[T, R]):
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self._run = run
+        self.name = name
         self.policy = policy
         self._gate = gate
         self._interactive = interactive

@@ -37,6 +37,7 @@ class Result:
 
     outputs: dict[tuple[str, str], Any] = field(default_factory=dict)
     body: dict[str, Any] = field(default_factory=dict)
+    served: list[tuple[str, str, str]] = field(default_factory=list)  # (task, type, model) per entry
     size: tuple[int, int] | None = None  # (height, width) of the decoded image
 
 
@@ -89,6 +90,7 @@ def _run_entries(engine: Engine, entries: list[Entry], specs: list[ModelSpec], p
             raise err.about(entry.task, entry.type, entry.model_name, spec.name) from None
         payload.outputs[(entry.task, entry.type)] = output
         result.body[entry.task] = wire  # recognition replaces its detection under the task key
+        result.served.append((entry.task, entry.type, spec.name))
     result.outputs = payload.outputs
     if payload.image is not None:
         result.size = payload.image.shape[:2]

@@ -10,17 +10,19 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import onnxruntime as ort
+from prometheus_client.core import GaugeMetricFamily
 
 from immich_aio import __version__
 from immich_aio.config import Settings
 from immich_aio.errors import PredictError, ServiceUnavailable
 from immich_aio.imaging import PixelBudget
 from immich_aio.jobs import Job
+from immich_aio.metrics import Metrics
 from immich_aio.models.base import Resolver
 from immich_aio.names.clip import ClipResolver
 from immich_aio.names.faces import FaceResolver
@@ -33,6 +35,7 @@ from immich_aio.store import TASKS, ModelStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+IMMICH_DEFAULTS = {"ViT-B-32__openai", "buffalo_l", "PP-OCRv5_mobile"}  # what Immich sends unless told otherwise
 
 
 def build_resolvers(settings: Settings, store: ModelStore, factory: SessionFactory) -> dict[str, Resolver]:
@@ -51,15 +54,49 @@ class Runtime:
         self.executor = ThreadPoolExecutor(settings.request_threads, thread_name_prefix="request")
         self.interactive = ThreadPoolExecutor(4, thread_name_prefix="search")
         self.store = ModelStore(settings.cache_folder)
-        self.factory = SessionFactory(settings)
+        self.metrics = Metrics()
+        self.factory = SessionFactory(settings, self.metrics)
         self.registry = ModelRegistry(
-            build_resolvers(settings, self.store, self.factory), settings.ttl_for, store=self.store
+            build_resolvers(settings, self.store, self.factory),
+            settings.ttl_for,
+            store=self.store,
+            listener=self.metrics.model_event,
         )
         self.budget = PixelBudget(settings.decode_budget_pixels, settings.decode_wait_s)
         self.engine = Engine(self.registry, self.budget, settings.max_pixels)
         self.jobs: set[Job] = set()  # admitted and not yet answered
         self.draining = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self.metrics.watch(self._live_gauges)
+
+    def _live_gauges(self) -> Iterable[GaugeMetricFamily]:
+        """What is waiting right now, read when /metrics is scraped."""
+        queued = GaugeMetricFamily("immich_aio_queue_depth", "Items waiting for a batched run", labels=["model"])
+        loaded = GaugeMetricFamily("immich_aio_models_loaded", "Models loaded now", labels=["task", "type"])
+        counts: dict[tuple[str, str], int] = {}
+        for entry in self.registry.loaded():
+            model = entry["model"]
+            counts[(model.task, model.type)] = counts.get((model.task, model.type), 0) + 1
+            if model.batcher is not None:
+                queued.add_metric([model.batcher.name], model.batcher.depth)
+        for (task, type_), n in sorted(counts.items()):
+            loaded.add_metric([task, type_], n)
+        yield queued
+        yield loaded
+        yield GaugeMetricFamily(
+            "immich_aio_run_gate_waiting", "Background runs waiting for a slot", value=self.factory.gate.waiting
+        )
+        yield GaugeMetricFamily(
+            "immich_aio_requests_in_flight", "Requests admitted and not answered", value=len(self.jobs)
+        )
+        yield GaugeMetricFamily(
+            "immich_aio_decode_budget_pixels_used",
+            "Decoded pixels held now (IMMICH_AIO_DECODE_BUDGET_MP)",
+            value=self.budget.used,
+        )
+        yield GaugeMetricFamily(
+            "immich_aio_decode_budget_waiting", "Requests waiting for the decode budget", value=self.budget.waiting
+        )
 
     async def run(self, fn: Callable[..., T], *args: Any, interactive: bool = False) -> T:
         pool = self.interactive if interactive else self.executor
@@ -90,7 +127,34 @@ class Runtime:
             job.cancel(error)
         return len(waiting)
 
+    def banner(self) -> str:
+        """The one startup summary: version, providers, store, thread budget, and who answers what."""
+        f = self.factory
+        lines = [
+            f"immich-aio {__version__} on ONNX Runtime {ort.__version__}, providers {', '.join(f.providers)}",
+            f"  model store {self.store.root}",
+            f"  threads: {f.intra_threads} per run, {f.gate.slots} concurrent runs, "
+            f"{self.settings.request_threads} request threads; batches up to {f.batch_size}; "
+            f"decode budget {self.settings.decode_budget_pixels / 1e6:g} MP",
+        ]
+        for task, resolver in self.registry.resolvers.items():
+            by_model: dict[str, set[str]] = {}
+            for name, served in resolver.aliases().items():
+                by_model.setdefault(served, set()).add(name.split(" (")[0])  # OCR lists each type
+            if not by_model:
+                lines.append(f"  {task}: no model installed")
+            for served, names in sorted(by_model.items()):
+                ordered = sorted(names, key=lambda n: (n not in IMMICH_DEFAULTS, n))
+                shown = ", ".join(ordered[:4]) + (
+                    f" and {len(ordered) - 4} more (see /info)" if len(ordered) > 4 else ""
+                )
+                lines.append(f"  {task}: {served} answers {shown}")
+        for entry, why in sorted(self.store.skipped().items()):
+            lines.append(f"  skipped {entry}: {why}")
+        return "\n".join(lines)
+
     async def start(self) -> None:
+        log.info("%s", await self.run(self.banner))
         # Preloading runs in the background: /ping answers from the first moment, and a request for a
         # model still loading simply waits for that one load.
         if self.settings.preload:

@@ -7,13 +7,18 @@ on a GPU host, one CUDA context, with settings tuned in one place.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnxruntime as ort
 
 from immich_aio.batching import BatchPolicy, RunGate
 from immich_aio.config import Settings
+
+if TYPE_CHECKING:
+    from immich_aio.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +34,9 @@ class SessionProfile:
 
 
 class SessionFactory:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         available = ort.get_available_providers()
         if settings.providers:
             unknown = [p for p in settings.providers if p not in available]
@@ -49,19 +55,14 @@ class SessionFactory:
         # two slots let one request's pre/post-processing overlap another's run.
         self.intra_threads = settings.intra_op_threads or (min(cores, 4) if self.cpu_only else 2)
         slots = settings.concurrent_runs or (max(1, cores // self.intra_threads) if self.cpu_only else 2)
-        self.gate = RunGate(slots)
+        self.gate = RunGate(slots, on_wait=metrics.gate_wait.observe if metrics else None)
         self.batch_size = settings.batch_max_size or (4 if self.cpu_only else 16)
-        log.info(
-            "ONNX Runtime %s, providers %s, %d intra-op threads, %d concurrent runs, batches up to %d",
-            ort.__version__,
-            self.providers,
-            self.intra_threads,
-            slots,
-            self.batch_size,
-        )
 
     def policy(self, max_size: int | None = None) -> BatchPolicy:
         return BatchPolicy(max_size or self.batch_size, self.settings.batch_max_wait_ms / 1000)
+
+    def batch_observer(self, name: str) -> Callable[[int], None] | None:
+        return self.metrics.batch_observer(name) if self.metrics is not None else None
 
     def options(self) -> ort.SessionOptions:
         s = self.settings

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,27 @@ class Model(ABC):
 
     def response(self, output: Any, options: dict[str, Any]) -> Any:
         return output
+
+    def batcher_for(
+        self,
+        run: Callable[[list[Any]], Sequence[Any]],
+        max_size: int | None = None,
+        *,
+        suffix: str,
+        key: Callable[[Any], Hashable] | None = None,
+        interactive: bool = False,
+    ) -> Batcher:
+        """A batcher on the shared run gate, with this model's name on its thread and in the metrics."""
+        name = f"{self.name}-{suffix}"
+        return Batcher(
+            run,
+            self.factory.policy(max_size),
+            self.factory.gate,
+            interactive=interactive,
+            key=key,
+            name=name,
+            on_batch=self.factory.batch_observer(name),
+        )
 
     def close(self) -> None:
         """Stop the batcher and drop the session so ONNX Runtime frees its memory (host and device)."""

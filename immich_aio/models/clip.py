@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from immich_aio.batching import Batcher
 from immich_aio.models.base import Model, Payload
 from immich_aio.protocol import CLIP, TEXTUAL, VISUAL, vector_string
 
@@ -96,12 +95,11 @@ class _ClipTower(Model):
             raise ValueError(f"model output has {out_dim} dims but config.json says embed_dim {self.config.embed_dim}")
         # Requests arriving together share one run; a batch-1 export runs them one by one. Text
         # (a person searching) is interactive and never waits for a background slot.
-        self.batcher = Batcher(
+        self.batcher = self.batcher_for(
             lambda items: list(self.embed(np.stack(items))),
-            self.factory.policy(1 if self.fixed_batch_1 else None),
-            self.factory.gate,
+            1 if self.fixed_batch_1 else None,
+            suffix=self.type,
             interactive=self.type == TEXTUAL,
-            name=f"{self.name}-{self.type}",
         )
 
     def embed(self, batch: np.ndarray) -> np.ndarray:

@@ -14,7 +14,6 @@ from typing import Any
 import cv2
 import numpy as np
 
-from immich_aio.batching import Batcher
 from immich_aio.jobs import Job
 from immich_aio.models.base import Model, Payload
 from immich_aio.protocol import DETECTION, FACES, RECOGNITION, option_float, vector_string
@@ -165,11 +164,8 @@ class FaceRecognizer(Model):
         if not self.batched:
             self._add_batch_axis(model)
         # Faces from all concurrent requests share runs; a model stuck at batch 1 goes face by face.
-        self.batcher = Batcher(
-            lambda crops: list(self.embed(np.stack(crops))),
-            self.factory.policy(self.max_batch if self.batched else 1),
-            self.factory.gate,
-            name=f"{self.name}-arcface",
+        self.batcher = self.batcher_for(
+            lambda crops: list(self.embed(np.stack(crops))), self.max_batch if self.batched else 1, suffix="arcface"
         )
 
     def _add_batch_axis(self, model) -> None:

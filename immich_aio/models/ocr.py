@@ -14,7 +14,6 @@ from typing import Any
 import cv2
 import numpy as np
 
-from immich_aio.batching import Batcher
 from immich_aio.errors import BadRequest
 from immich_aio.jobs import Job
 from immich_aio.models.base import Model, Payload
@@ -131,13 +130,7 @@ class OcrRecognizer(Model):
         if "character" not in meta:
             raise ValueError("recognition model has no 'character' metadata (the PP-OCR ONNX charset)")
         self.decoder = CTCLabelDecode(character=meta["character"].splitlines())
-        self.batcher = Batcher(
-            self._run_lines,
-            self.factory.policy(self.max_batch),
-            self.factory.gate,
-            key=lambda line: line.shape[2],
-            name=f"{self.name}-rec",
-        )
+        self.batcher = self.batcher_for(self._run_lines, self.max_batch, suffix="rec", key=lambda line: line.shape[2])
 
     @staticmethod
     def prepare_line(crop: np.ndarray) -> np.ndarray:
