@@ -6,7 +6,10 @@ on a GPU host, one CUDA context, with settings tuned in one place.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +50,7 @@ class SessionFactory:
                 )
             self.providers = list(settings.providers)
         else:
-            self.providers = [CUDA, CPU] if CUDA in available else [CPU]
+            self.providers = [CUDA, CPU] if CUDA in available and cuda_usable(settings.device_id) else [CPU]
         self.cpu_only = self.providers == [CPU]
         cores = _cpu_count()
         # Thread budget: each background run gets `intra_threads` cores and at most `slots` runs go at
@@ -103,6 +106,68 @@ class SessionFactory:
         profile = profile or SessionProfile()
         source = str(model) if isinstance(model, Path) else model
         return ort.InferenceSession(source, sess_options=self.options(), providers=self.provider_list(profile))
+
+
+_cuda_checked: dict[int, bool] = {}
+
+
+def cuda_usable(device_id: int) -> bool:
+    """Whether CUDA sessions can run here, tried once with a one-node model.
+
+    The CUDA and cuDNN libraries come from the pip packages (onnxruntime-gpu[cuda,cudnn]) and are loaded
+    first (`preload_dlls`); only the driver, libcuda.so.1, has to come from the host. Without a usable
+    GPU (no driver, no `--gpus`, a driver too old) ONNX Runtime would print an error block at every model
+    load and fall back; instead this says so once, and the server runs CPU-only with the CPU thread budget.
+    """
+    if device_id in _cuda_checked:
+        return _cuda_checked[device_id]
+    from onnx import TensorProto, helper
+
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception as e:  # a missing library shows in the probe's error below
+            log.debug("preload_dlls: %s", e)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    # IR 8: readable by every ONNX Runtime this project supports (onnx stamps its own, newer, by default)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    ort.set_default_logger_severity(4)  # the probe's failure is reported below, once, in one line
+    printed = io.StringIO()  # ONNX Runtime's Python wrapper prints its fallback ("EP Error ...") to stdout
+    try:
+        with contextlib.redirect_stdout(printed):
+            session = ort.InferenceSession(
+                model.SerializeToString(),
+                opts,
+                providers=[("CUDAExecutionProvider", {"device_id": str(device_id)})],
+            )
+        ok = CUDA in session.get_providers()
+        reason = _cuda_error(printed.getvalue()) or "CUDA was not enabled for the session"
+    except Exception as e:  # ONNX Runtime raises its own exception types
+        ok, reason = False, _cuda_error(str(e)) or str(e).strip().splitlines()[-1][:300]
+    finally:
+        ort.set_default_logger_severity(3)
+    if not ok:
+        log.warning(
+            "CUDA is installed but cannot run here (%s): serving on the CPU. For the GPU, start the container "
+            "with it (docker compose: the GPU override; docker run: --gpus all) and check the host driver "
+            "(the CUDA 12 image needs NVIDIA driver 525 or newer).",
+            reason,
+        )
+    _cuda_checked[device_id] = ok
+    return ok
+
+
+def _cuda_error(text: str) -> str | None:
+    """The telling part of ONNX Runtime's CUDA error, e.g. 'CUDA driver version is insufficient for CUDA runtime'."""
+    match = re.search(r"(CUDA failure \d+: [^;]+|libcuda[^;\n]*|cannot open shared object file[^;\n]*)", text)
+    return match.group(1).strip() if match else None
 
 
 def _cpu_count() -> int:

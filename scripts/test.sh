@@ -17,4 +17,5 @@ fi
 .venv/bin/python -m pip check
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/hadolint Dockerfile
 exec .venv/bin/python -m pytest "$@"

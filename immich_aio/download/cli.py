@@ -70,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nimmich-aio models: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except PermissionError as e:
+        print(
+            f"immich-aio models: cannot write into {store.root} ({e.strerror}: {e.filename}). In the container the "
+            "server runs as uid 1000; a volume written by Immich ML's root container needs `docker compose exec -u "
+            "root ...` once, or `chown -R 1000:1000` on it (README, Docker)",
+            file=sys.stderr,
+        )
+        return 1
     except (DownloadError, RuntimeError, ValueError, OSError) as e:
         print(f"immich-aio models: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Build the container images and check them for real (run by .ci/run after the test suite).
+#
+#   CPU image:  built on the local Debian + Python 3.11 base, run with a published port on 127.0.0.1 and a
+#               temporary volume at /cache, waited on until Docker reports it healthy; an OCR /predict with a
+#               committed fixture must read the fixture's text; /info and /metrics must answer; the server runs
+#               as a non-root user; `immich-aio models list` works inside; `docker stop` exits 0.
+#   CUDA image: built from the same Dockerfile (--target cuda); inside it ONNX Runtime must list
+#               CUDAExecutionProvider, and the only library missing must be the host driver (libcuda.so.1).
+#
+# Uses ../shared/container (or $CONTAINER_TOOLS) to make the base image and run dockerd without touching the
+# host's network. Where Docker cannot be set up, it says so and exits 0: the check is skipped, not failed.
+# Everything it starts (containers, volume, images, and the dockerd when it started it) is removed on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOOLS=${CONTAINER_TOOLS:-../shared/container}
+DOCKER=${DOCKER:-/usr/bin/docker}
+TAG=immich-aio-check
+NAME=$TAG-$$
+VOLUME=$TAG-$$
+
+say() { printf '[container-check %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+skip() { say "SKIPPED: $*"; exit 0; }
+
+[[ -x $TOOLS/build-base.sh ]] || skip "$TOOLS/build-base.sh is not here, so no local base image can be made"
+
+started_daemon=0
+cleanup() {
+    "$DOCKER" rm -f "$NAME" >/dev/null 2>&1 || true
+    "$DOCKER" volume rm -f "$VOLUME" >/dev/null 2>&1 || true
+    "$DOCKER" image rm -f "$TAG:cpu" "$TAG:cuda" >/dev/null 2>&1 || true
+    if ((started_daemon)); then "$TOOLS/stop-daemon.sh" >/dev/null 2>&1 || true; fi
+}
+trap cleanup EXIT
+
+"$DOCKER" info >/dev/null 2>&1 || started_daemon=1
+export CTR_BRIDGE=1 # publishing -p 127.0.0.1:PORT:3003 needs the docker0 bridge
+base=$("$TOOLS/build-base.sh" 2>/tmp/container-check-base.log | tail -n 1) \
+    || { tail -20 /tmp/container-check-base.log; skip "Docker or the local base image could not be set up"; }
+"$DOCKER" network inspect bridge >/dev/null 2>&1 \
+    || skip "dockerd runs without the docker0 bridge (another run started it); stop it with $TOOLS/stop-daemon.sh"
+
+build() { # build TARGET -> seconds
+    local target=$1 t0=$(date +%s)
+    DOCKER_BUILDKIT=1 "$DOCKER" build --network host --progress=plain --build-arg BASE_IMAGE="$base" \
+        --target "$target" -t "$TAG:$target" . >"/tmp/container-check-$target.log" 2>&1 \
+        || { tail -40 "/tmp/container-check-$target.log"; say "FAIL: the $target image does not build"; exit 1; }
+    echo $(($(date +%s) - t0))
+}
+size() { "$DOCKER" image inspect -f '{{.Size}}' "$1" | awk '{printf "%.0f MB", $1/1e6}'; }
+
+# ---- CPU image --------------------------------------------------------------------------------------------
+cpu_s=$(build cpu)
+say "CPU image built in ${cpu_s} s: $(size "$TAG:cpu")"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$DOCKER" volume create "$VOLUME" >/dev/null
+"$DOCKER" run -d --name "$NAME" -p "127.0.0.1:$port:3003" -v "$VOLUME:/cache" "$TAG:cpu" >/dev/null
+health=starting
+for _ in $(seq 1 120); do
+    health=$("$DOCKER" inspect -f '{{.State.Health.Status}}' "$NAME")
+    [[ $health == healthy || $health == unhealthy ]] && break
+    [[ $("$DOCKER" inspect -f '{{.State.Status}}' "$NAME") == running ]] || break
+    sleep 1
+done
+if [[ $health != healthy ]]; then
+    "$DOCKER" logs --tail 40 "$NAME" 2>&1 || true
+    say "FAIL: the CPU container is $health, not healthy"
+    exit 1
+fi
+say "healthy; checking OCR, /info, /metrics and the user"
+url="http://127.0.0.1:$port"
+entries='{"ocr":{"detection":{"modelName":"PP-OCRv5_mobile","options":{"minScore":0.5,"maxResolution":736}},"recognition":{"modelName":"PP-OCRv5_mobile","options":{"minScore":0.8}}}}'
+curl -sS --fail-with-body -F "entries=$entries" -F "image=@tests/fixtures/ocr/sign.jpg;filename=blob;type=application/octet-stream" \
+    "$url/predict" >/tmp/container-check-ocr.json
+curl -sS --fail-with-body "$url/info" >/tmp/container-check-info.json
+curl -sS --fail-with-body "$url/metrics" >/tmp/container-check-metrics.txt
+python3 - <<'PY'
+import json
+truth = json.load(open("tests/fixtures/ocr/truth.json", encoding="utf-8"))["sign.jpg"]
+body = json.load(open("/tmp/container-check-ocr.json", encoding="utf-8"))
+assert body["ocr"]["text"] == truth, (body["ocr"]["text"], truth)
+info = json.load(open("/tmp/container-check-info.json", encoding="utf-8"))
+assert info["modelStore"] == "/cache" and "CPUExecutionProvider" in info["providers"], info
+assert {m["name"] for m in info["models"]} == {"PP-OCRv6_small"}, info["models"]
+assert "immich_aio_requests_total" in open("/tmp/container-check-metrics.txt").read()
+print("  OCR read", " / ".join(body["ocr"]["text"]))
+PY
+[[ $("$DOCKER" exec "$NAME" id -u) == 1000 ]] || { say "FAIL: the server does not run as uid 1000"; exit 1; }
+"$DOCKER" exec "$NAME" immich-aio models list >/dev/null || { say "FAIL: immich-aio models does not run inside"; exit 1; }
+"$DOCKER" stop -t 20 "$NAME" >/dev/null
+code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$NAME")
+[[ $code == 0 ]] || { "$DOCKER" logs --tail 20 "$NAME" 2>&1; say "FAIL: docker stop gave exit code $code, not 0"; exit 1; }
+"$DOCKER" rm "$NAME" >/dev/null
+say "CPU image: PASS (OCR, /info, /metrics, uid 1000, models CLI, clean stop)"
+
+# ---- CUDA image -------------------------------------------------------------------------------------------
+cuda_s=$(build cuda)
+say "CUDA image built in ${cuda_s} s: $(size "$TAG:cuda")"
+"$DOCKER" run --rm --network none --entrypoint python "$TAG:cuda" - <<'PY' || { say "FAIL: the CUDA image"; exit 1; }
+import glob, os, subprocess
+import onnxruntime as ort
+assert "CUDAExecutionProvider" in ort.get_available_providers(), ort.get_available_providers()
+ort.preload_dlls()  # CUDA and cuDNN from the pip packages
+lib = glob.glob(os.path.join(os.path.dirname(ort.__file__), "capi", "libonnxruntime_providers_cuda.so"))[0]
+nvidia = sorted(set(os.path.dirname(p) for p in glob.glob("/opt/venv/lib/python3.11/site-packages/nvidia/**/lib/*.so*", recursive=True)))
+env = dict(os.environ, LD_LIBRARY_PATH=":".join(nvidia))
+missing = sorted({line.split()[0] for line in subprocess.run(["ldd", lib], env=env, capture_output=True, text=True).stdout.splitlines() if "not found" in line})
+assert missing == ["libcuda.so.1"], f"missing besides the host driver: {missing}"
+print("  providers:", ", ".join(ort.get_available_providers()), "| ORT", ort.__version__, "| missing only:", missing[0])
+PY
+# Without a GPU (as here) the CUDA image must still serve, on the CPU, after one clear warning.
+"$DOCKER" run -d --name "$NAME" -p "127.0.0.1:$port:3003" "$TAG:cuda" >/dev/null
+for _ in $(seq 1 60); do curl -sf "$url/ping" >/dev/null 2>&1 && break; sleep 1; done
+curl -sS --fail-with-body -F "entries=$entries" -F "image=@tests/fixtures/ocr/sign.jpg;filename=blob" "$url/predict" \
+    | grep -q "OPEN 24 HOURS" || { "$DOCKER" logs "$NAME" 2>&1 | tail -20; say "FAIL: the CUDA image does not serve"; exit 1; }
+logs=$("$DOCKER" logs "$NAME" 2>&1)
+[[ $(grep -c "CUDA is installed but cannot run here" <<<"$logs") == 1 && $(grep -c "EP Error" <<<"$logs") == 0 ]] \
+    || { echo "$logs" | head -20; say "FAIL: without a GPU the CUDA image must warn once, clearly"; exit 1; }
+"$DOCKER" rm -f "$NAME" >/dev/null
+say "CUDA image: PASS (CUDAExecutionProvider listed; only the host driver libcuda.so.1 is missing; without a GPU it serves on the CPU after one warning)"
+say "summary: CPU image $(size "$TAG:cpu") built in ${cpu_s} s; CUDA image $(size "$TAG:cuda") built in ${cuda_s} s"
