@@ -138,17 +138,18 @@ class Runtime:
             f"decode budget {self.settings.decode_budget_pixels / 1e6:g} MP",
         ]
         for task, resolver in self.registry.resolvers.items():
-            by_model: dict[str, set[str]] = {}
-            for name, served in resolver.aliases().items():
-                by_model.setdefault(served, set()).add(name.split(" (")[0])  # OCR lists each type
+            by_model: dict[tuple[str, str], set[str]] = {}
+            for name, entry in resolver.explain().items():
+                key = (entry["servedBy"], entry["why"])
+                by_model.setdefault(key, set()).add(name.split(" (")[0])  # OCR lists each type
             if not by_model:
                 lines.append(f"  {task}: no model installed")
-            for served, names in sorted(by_model.items()):
+            for (served, why), names in sorted(by_model.items()):
                 ordered = sorted(names, key=lambda n: (n not in IMMICH_DEFAULTS, n))
                 shown = ", ".join(ordered[:4]) + (
                     f" and {len(ordered) - 4} more (see /info)" if len(ordered) > 4 else ""
                 )
-                lines.append(f"  {task}: {served} answers {shown}")
+                lines.append(f"  {task}: {served} answers {shown}" + (f" ({why})" if why else ""))
         for entry, why in sorted(self.store.skipped().items()):
             lines.append(f"  skipped {entry}: {why}")
         return "\n".join(lines)
@@ -236,6 +237,7 @@ class Runtime:
             "modelStore": str(self.store.root),
             "models": sorted(models, key=lambda m: (m["task"], m["type"], m["name"])),
             "aliases": {task: r.aliases() for task, r in self.registry.resolvers.items()},
+            "answers": {task: r.explain() for task, r in self.registry.resolvers.items()},
             "servedFiles": self._served_files(),
             "skippedStoreEntries": self.store.skipped(),
         }

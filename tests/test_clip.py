@@ -199,10 +199,9 @@ def test_batched_run_equals_single_runs(served):
     runtime = served.app.state.runtime
     spec = runtime.registry.resolve("clip", "visual", "ViT-B-32__openai")
     with runtime.registry.use(spec) as m:
-        imgs = list(photos().values())[:4]
-        batch = np.stack([m.prepare(i) for i in imgs])
-        together = m.embed(batch)
-        alone = np.concatenate([m.embed(b[None]) for b in batch])
+        items = [m.prepare(i) for i in list(photos().values())[:4]]
+        together = m.embed(items)
+        alone = np.concatenate([m.embed([item]) for item in items])
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
@@ -286,7 +285,7 @@ def test_explicit_aliases_and_dimension_guard(tmp_path):
     assert r.resolve("textual", "custom-search").name == "CN-CLIP-ViT-L-14"
     with pytest.raises(BadRequest, match=r"768-d in Immich.*512-d"):
         r.resolve("visual", "ViT-L-14__openai")  # explicit alias to a model of the wrong size
-    with pytest.raises(BadRequest, match=r"1152-d in Immich.*no installed CN-CLIP model has 1152"):
+    with pytest.raises(BadRequest, match=r"1152-d in Immich.*no installed Chinese-CLIP model has 1152"):
         r.resolve("visual", "ViT-SO400M-14-SigLIP-384__webli")
     with pytest.raises(BadRequest, match=r"Unknown CLIP model 'nonsense'.*CN-CLIP-ViT-B-16 \(512-d\)"):
         r.resolve("visual", "nonsense")
@@ -386,8 +385,8 @@ def test_import_batch1_official_files(tmp_path, model):
         spec = runtime.registry.resolve("clip", "visual", "ViT-B-32__openai")
         with runtime.registry.use(spec) as m:
             assert m.fixed_batch_1
-            batch = np.stack([m.prepare(i) for i in list(photos().values())[:3]])
-            assert m.embed(batch).shape == (3, 512)  # run item by item
+            items = [m.prepare(i) for i in list(photos().values())[:3]]
+            assert m.embed(items).shape == (3, 512)  # run item by item
 
 
 def test_import_refuses_wrong_files(tmp_path, model, capsys):

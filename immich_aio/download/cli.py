@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     clip.add_argument("--source", choices=["hf", "modelscope"], default="hf", help="hub (hf honours HF_ENDPOINT)")
     clip.add_argument("--fp16", action="store_true", help="fp16 weights (for GPU hosts); I/O stays float32")
     clip.add_argument("--name", help="store folder name (default CN-CLIP-<arch>)")
+    clip.add_argument(
+        "--immich",
+        metavar="NAME",
+        help="Immich's own CLIP model by its Immich name (e.g. ViT-B-32__openai, XLM-Roberta-Large-Vit-B-16Plus), "
+        "from immich-app/<NAME> on Hugging Face, ready to serve (no export)",
+    )
     clip.add_argument("--onnx-image", type=Path, help="official-format image tower (*.img.fp32.onnx) to import")
     clip.add_argument("--onnx-text", type=Path, help="official-format text tower (*.txt.fp32.onnx) to import")
     clip.add_argument("--vocab", type=Path, help="vocab.txt for imports (default: fetched from the hub)")
@@ -129,6 +135,10 @@ def _install(store: ModelStore, args: argparse.Namespace) -> int:
 def _clip(store: ModelStore, args: argparse.Namespace) -> int:
     from immich_aio.download import clip
 
+    if args.immich:
+        clip.fetch_immich(store, args.immich)
+        print("Immich's own model serves that name again, with the vectors your library already has.")
+        return 0
     releases = clip.RELEASES[args.family]
     if args.arch not in releases:
         print(

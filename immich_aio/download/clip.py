@@ -131,6 +131,62 @@ class InvalidModel(ValueError):
     pass
 
 
+IMMICH_PATTERNS = ("config.json", "visual/*", "textual/*")
+
+
+def fetch_immich(store: ModelStore, requested: str) -> Path:
+    """Immich's own CLIP model `immich-app/<name>` from Hugging Face (HF_ENDPOINT honoured), checked, whole."""
+    from immich_aio.names.clip import IMMICH_CLIP_DIMS
+
+    name = clean_name(requested)
+    if name not in IMMICH_CLIP_DIMS:
+        raise InvalidModel(f"{requested!r} is not one of the CLIP names the Immich server accepts (see README)")
+    repo = f"immich-app/{name}"
+    snapshot = hf.fetch(store.root, repo, IMMICH_PATTERNS)
+    try:
+        files = check_immich_clip(snapshot.folder, IMMICH_CLIP_DIMS[name])
+    except InvalidModel as e:
+        hf.discard(snapshot)
+        raise InvalidModel(f"{repo} from {hf.endpoint()}: {e}; deleted the download, run again") from e
+    with staged(store, CLIP, name) as stage:
+        for rel in files:
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(snapshot.folder / rel, stage / rel)
+    hf.discard(snapshot)
+    print(f"Installed Immich's {name} ({IMMICH_CLIP_DIMS[name]}-d) in {store.model_dir(CLIP, name)}")
+    return store.model_dir(CLIP, name)
+
+
+def check_immich_clip(folder: Path, dim: int) -> list[str]:
+    """The files of an Immich CLIP folder that form the model, after checking that each is what it should be."""
+    from tokenizers import Tokenizer
+
+    from immich_aio.download.validate import load_onnx
+    from immich_aio.models.clip_immich import TEXTUAL_FILES, VISUAL_FILES, Preprocess
+
+    rel = [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file() and ".cache" not in p.parts]
+    needed = ["config.json", *(f"visual/{f}" for f in VISUAL_FILES), *(f"textual/{f}" for f in TEXTUAL_FILES)]
+    missing = [f for f in needed if f not in rel]
+    if missing:
+        raise InvalidModel(f"missing {', '.join(missing)}")
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        Preprocess.read(folder / "visual" / "preprocess_cfg.json")
+        Tokenizer.from_file(str(folder / "textual" / "tokenizer.json"))
+        json.loads((folder / "textual" / "tokenizer_config.json").read_text(encoding="utf-8"))["pad_token"]
+    except Exception as e:  # tokenizers raises its own exception type for a bad tokenizer.json
+        raise InvalidModel(f"a configuration or tokenizer file is not usable ({e})") from e
+    for tower in ("visual", "textual"):
+        try:
+            session = load_onnx(folder / tower / "model.onnx")
+        except ValueError as e:
+            raise InvalidModel(f"{tower}/model.onnx: {e}") from e
+        out = session.get_outputs()[0].shape[-1]
+        if isinstance(out, int) and out != dim:
+            raise InvalidModel(f"{tower}/model.onnx gives {out}-d vectors; Immich expects {dim}")
+    return rel
+
+
 def _inspect(path: Path, expect_input: str, rank: int):
     import onnxruntime as ort
 

@@ -1,4 +1,4 @@
-"""Getting the PP-OCRv5 models behind Immich's OCR names, from RapidOCR's ModelScope repository.
+"""Getting the PP-OCR models behind Immich's OCR names (PP-OCRv5, PP-OCRv6 tiers) from RapidOCR's ModelScope.
 
 The addresses and sha256 sums come from the model registry shipped inside the installed rapidocr
 wheel. Files are laid out as Immich ML does: the detector (shared by all languages) in
@@ -23,13 +23,17 @@ HINT = "Set MODELSCOPE_ENDPOINT to a reachable ModelScope mirror, or copy the fi
 
 
 def registry() -> dict[str, dict[str, str]]:
-    """RapidOCR's PP-OCRv5 ONNX entries: model key -> {model_dir (URL), SHA256}."""
+    """RapidOCR's PP-OCRv5 and PP-OCRv6 ONNX entries: model key -> {model_dir (URL), SHA256}."""
     import rapidocr
     import yaml
 
     data = yaml.safe_load((Path(rapidocr.__file__).parent / "default_models.yaml").read_text(encoding="utf-8"))
-    v5 = data["onnxruntime"]["PP-OCRv5"]
-    return {**v5["det"], **v5["rec"]}
+    out: dict[str, dict[str, str]] = {}
+    for version in ("PP-OCRv5", "PP-OCRv6"):
+        section = data["onnxruntime"].get(version, {})
+        out.update(section.get("det", {}))
+        out.update(section.get("rec", {}))
+    return out
 
 
 def model_keys(name: str) -> dict[str, str]:
@@ -37,6 +41,9 @@ def model_keys(name: str) -> dict[str, str]:
     if name not in IMMICH_NAMES:
         raise ValueError(f"unknown OCR model {name!r}; one of {', '.join(IMMICH_NAMES)}")
     lang, _, base = name.rpartition("__")
+    if base.startswith("PP-OCRv6_"):
+        tier = base.removeprefix("PP-OCRv6_")
+        return {DETECTION: f"multi_PP-OCRv6_det_{tier}", RECOGNITION: f"multi_PP-OCRv6_rec_{tier}"}
     tier = "server" if base.endswith("server") else "mobile"
     return {
         DETECTION: f"ch_PP-OCRv5_det_{tier}",

@@ -146,6 +146,10 @@ class Resolver(ABC):
         """Names this task answers to that are not model names themselves, for /info."""
         return {}
 
+    def explain(self) -> dict[str, dict[str, str]]:
+        """Each answered name: the model serving it and why (for /info and the startup banner)."""
+        return {name: {"servedBy": served, "why": ""} for name, served in self.aliases().items()}
+
     def files(self, served: str) -> dict[str, Path]:
         """The files of an installed model, by role, for /info."""
         return {}

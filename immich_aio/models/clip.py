@@ -9,6 +9,7 @@ S×S (no crop) and CLIP mean/std; text is BERT WordPiece with one token per CJK 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from immich_aio.jobs import Job
 from immich_aio.models.base import Model, Payload
 from immich_aio.protocol import CLIP, TEXTUAL, VISUAL, vector_string
 
@@ -80,70 +82,85 @@ def make_tokenizer(vocab: Path, context_length: int):
     return tok
 
 
-class _ClipTower(Model):
+class ClipTower(Model):
+    """One CLIP encoder: prepared items (one array per model input) batched across requests, L2-normalised out.
+
+    Image towers run in the background lane; text towers (a person searching) are interactive and never wait
+    for a background slot. A model exported with a fixed batch of 1 runs its items one by one.
+    """
+
     task = CLIP
 
-    def _open(self) -> None:
-        self.config = ClipConfig.read(self.files["model"].parent.parent)
-        self.session = self.factory.create(self.files["model"])
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        # Official exports fix the batch at 1; re-exports have a symbolic batch axis.
-        self.fixed_batch_1 = inp.shape[0] == 1
+    def open_session(self, path: Path, embed_dim: int | None) -> None:
+        self.session = self.factory.create(path)
+        inputs = self.session.get_inputs()
+        self.input_names = [i.name for i in inputs]
+        self.fixed_batch_1 = inputs[0].shape[0] == 1
         out_dim = self.session.get_outputs()[0].shape[-1]
-        if isinstance(out_dim, int) and out_dim != self.config.embed_dim:
-            raise ValueError(f"model output has {out_dim} dims but config.json says embed_dim {self.config.embed_dim}")
-        # Requests arriving together share one run; a batch-1 export runs them one by one. Text
-        # (a person searching) is interactive and never waits for a background slot.
+        if embed_dim is not None and isinstance(out_dim, int) and out_dim != embed_dim:
+            raise ValueError(f"model output has {out_dim} dims but config.json says embed_dim {embed_dim}")
         self.batcher = self.batcher_for(
-            lambda items: list(self.embed(np.stack(items))),
+            lambda items: list(self.embed(items)),
             1 if self.fixed_batch_1 else None,
             suffix=self.type,
             interactive=self.type == TEXTUAL,
         )
 
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        """Run a prepared batch (any size) and return L2-normalised rows."""
+    def input_dtype(self, index: int = 0) -> type[np.integer]:
         assert self.session is not None
-        if self.fixed_batch_1 and len(batch) > 1:
-            out = np.concatenate([self.infer({self.input_name: row[None]})[0] for row in batch])
+        return np.int32 if "int32" in self.session.get_inputs()[index].type else np.int64
+
+    def embed(self, items: Sequence[tuple[np.ndarray, ...]]) -> np.ndarray:
+        """Run prepared items (any number) and return L2-normalised rows."""
+        assert self.session is not None
+        if self.fixed_batch_1 and len(items) > 1:
+            out = np.concatenate([self.infer(self._feeds([item]))[0] for item in items])
         else:
-            out = self.infer({self.input_name: batch})[0]
-        return l2_normalise(out.reshape(len(batch), -1))
+            out = self.infer(self._feeds(items))[0]
+        return l2_normalise(out.reshape(len(items), -1))
+
+    def _feeds(self, items: Sequence[tuple[np.ndarray, ...]]) -> dict[str, np.ndarray]:
+        return {name: np.stack([item[i] for item in items]) for i, name in enumerate(self.input_names)}
+
+    def encode(self, item: tuple[np.ndarray, ...], job: Job) -> np.ndarray:
+        assert self.batcher is not None
+        return self.batcher.map([item], job)[0]
 
     def response(self, output: np.ndarray, options: dict[str, Any]) -> str:
         return vector_string(output)
 
 
-class CnClipVisual(_ClipTower):
+class CnClipVisual(ClipTower):
     type = VISUAL
 
     def load(self) -> None:
-        self._open()
+        self.config = ClipConfig.read(self.files["model"].parent.parent)
+        self.open_session(self.files["model"], self.config.embed_dim)
 
-    def prepare(self, image: np.ndarray) -> np.ndarray:
-        return preprocess_image(image, self.config.image_size)
+    def prepare(self, image: np.ndarray) -> tuple[np.ndarray]:
+        return (preprocess_image(image, self.config.image_size),)
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> np.ndarray:
-        assert payload.image is not None and self.batcher is not None
-        return self.batcher.map([self.prepare(payload.image)], payload.job)[0]
+        assert payload.image is not None
+        return self.encode(self.prepare(payload.image), payload.job)
 
 
-class CnClipTextual(_ClipTower):
+class CnClipTextual(ClipTower):
     type = TEXTUAL
 
     def load(self) -> None:
-        self._open()
+        self.config = ClipConfig.read(self.files["model"].parent.parent)
+        self.open_session(self.files["model"], self.config.embed_dim)
         vocab = self.files.get("vocab")
         if vocab is None or not vocab.is_file():
             raise ValueError(f"missing tokenizer vocabulary {vocab}")
         self.tokenizer = make_tokenizer(vocab, self.config.context_length)
-        self.id_dtype = np.int32 if "int32" in self.session.get_inputs()[0].type else np.int64
+        self.id_dtype = self.input_dtype()
 
-    def prepare(self, text: str) -> np.ndarray:
-        return np.asarray(self.tokenizer.encode(text).ids, dtype=self.id_dtype)
+    def prepare(self, text: str) -> tuple[np.ndarray]:
+        return (np.asarray(self.tokenizer.encode(text).ids, dtype=self.id_dtype),)
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> np.ndarray:
         # `language` is accepted and ignored: CN-CLIP reads Chinese and English alike.
-        assert payload.text is not None and self.batcher is not None
-        return self.batcher.map([self.prepare(payload.text)], payload.job)[0]
+        assert payload.text is not None
+        return self.encode(self.prepare(payload.text), payload.job)

@@ -71,6 +71,18 @@ def crop_quad(image: np.ndarray, quad: np.ndarray) -> np.ndarray | None:
     return crop
 
 
+def charset(model: Path, metadata: dict[str, str]) -> list[str]:
+    """The recogniser's characters: PP-OCR ONNX exports carry them as metadata; others beside the model."""
+    if "character" in metadata:
+        return metadata["character"].splitlines()
+    beside = model.with_name("charset.txt")
+    if beside.is_file():
+        return beside.read_text(encoding="utf-8").splitlines()
+    raise ValueError(
+        "the recognition model has no 'character' metadata (the PP-OCR ONNX charset) and no charset.txt beside it"
+    )
+
+
 class OcrDetector(Model):
     task, type = OCR, DETECTION
     max_side = 2560  # IMMICH_AIO_OCR_MAX_SIDE, set by the resolver
@@ -126,10 +138,11 @@ class OcrRecognizer(Model):
 
         self.session = self.factory.create(self.files["model"], SessionProfile(dynamic_shapes=True))
         self.input_name = self.session.get_inputs()[0].name
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "character" not in meta:
-            raise ValueError("recognition model has no 'character' metadata (the PP-OCR ONNX charset)")
-        self.decoder = CTCLabelDecode(character=meta["character"].splitlines())
+        chars = charset(self.files["model"], self.session.get_modelmeta().custom_metadata_map)
+        classes = self.session.get_outputs()[0].shape[-1]
+        if isinstance(classes, int) and classes != len(chars) + 2:  # + CTC blank + space
+            raise ValueError(f"the charset has {len(chars)} characters but the model predicts {classes} classes")
+        self.decoder = CTCLabelDecode(character=chars)
         self.batcher = self.batcher_for(self._run_lines, self.max_batch, suffix="rec", key=lambda line: line.shape[2])
 
     @staticmethod

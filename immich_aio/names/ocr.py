@@ -32,6 +32,10 @@ IMMICH_NAMES = (
     "KOREAN__PP-OCRv5_mobile",
     "LATIN__PP-OCRv5_mobile",
     "TH__PP-OCRv5_mobile",
+    # Immich's PP-OCRv6 work (closed upstream, and its model-export repository) uses these names.
+    "PP-OCRv6_tiny",
+    "PP-OCRv6_small",
+    "PP-OCRv6_medium",
 )
 
 
