@@ -419,6 +419,31 @@ def tiny_release(monkeypatch, model):
     return buf.getvalue()
 
 
+def test_qa_clip_is_fetched_exported_and_served_like_cn_clip(tmp_path, monkeypatch, tiny_release, model):
+    """QA-CLIP: TencentARC's checkpoint in Chinese-CLIP's format, the shared vocabulary from OFA-Sys."""
+    monkeypatch.setitem(
+        clip_download.RELEASES["qa-clip"], "ViT-B-16", clip_download._qa("ViT-B-16", "QA-CLIP-base.pt", SIZE, 512)
+    )
+    store = tmp_path / "models"
+    with FakeHub() as hub:
+        hub.add_hf_repo("TencentARC/QA-CLIP", {"QA-CLIP-base.pt": tiny_release, "README.md": b"# QA-CLIP"})
+        hub.add_hf_repo("OFA-Sys/chinese-clip-vit-base-patch16", {"vocab.txt": vocab_path().read_bytes()})
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        assert models_main(["--store", str(store), "clip", "--arch", "ViT-B-16", "--family", "qa-clip"]) == 0
+        assert models_main(["--store", str(store), "clip", "--arch", "ViT-H-14", "--family", "qa-clip"]) == 2
+    folder = store / "clip" / "QA-CLIP-ViT-B-16"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["family"] == "QA-CLIP" and config["model_type"] == "cn-clip" and verify_manifest(folder) == []
+    with TestClient(create_app(settings_for(store))) as client:
+        rgb = photos()["sign"]
+        own = vec(predict(client, clip_entries("visual", "QA-CLIP-ViT-B-16"), image=encode(rgb, "PNG")).json())
+        assert float(own @ torch_image(model, rgb)) >= 0.9999
+        by_dim = vec(predict(client, clip_entries("textual"), text="海边的日落").json())  # ViT-B-32__openai, 512-d
+        assert float(by_dim @ torch_text(model, "海边的日落")) >= 0.9999
+        answers = client.get("/info").json()["answers"]["clip"]
+    assert answers["ViT-B-32__openai"]["servedBy"] == "QA-CLIP-ViT-B-16"
+
+
 def test_download_via_hf_endpoint_with_interruption_and_resume(tmp_path, monkeypatch, tiny_release, model, capsys):
     store = tmp_path / "models"
     repo = "OFA-Sys/chinese-clip-vit-base-patch16"
