@@ -22,14 +22,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from immich_aio import pipeline
+from immich_aio import fork_ocr, pipeline
 from immich_aio.access_log import AccessLog
 from immich_aio.config import Settings
 from immich_aio.errors import BadRequest, ClientGone, PredictError
 from immich_aio.http_form import ReadLimits, read_form, read_small_field
 from immich_aio.jobs import Job
 from immich_aio.metrics import endpoint_label, task_label, type_label
-from immich_aio.protocol import check_payload, dumps, parse_entries
+from immich_aio.protocol import OCR, RECOGNITION, check_payload, decode_entries, dumps, entries_from
 from immich_aio.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ async def run_job(request: Request, job: Job, fn: Callable[..., T], *args: Any) 
     raise ClientGone("the client closed the connection before its answer was ready")
 
 
-def refusal(request: Request, error: PredictError, endpoint: str) -> Response | None:
-    """Log a non-2xx answer once (WARNING for 4xx, ERROR for 5xx) and build its JSON body."""
+def refusal(request: Request, error: PredictError, endpoint: str, note: str = "") -> Response | None:
+    """Log a refused request once (WARNING for 4xx, ERROR for 5xx) and build its JSON body."""
     context = " ".join(
         f"{k}={v!r}"
         for k, v in (
@@ -91,8 +91,8 @@ def refusal(request: Request, error: PredictError, endpoint: str) -> Response | 
         )
         return None
     level = logging.ERROR if error.status >= 500 else logging.WARNING
-    log.log(level, "%s %s -> %d %s: %s", request.method, endpoint, error.status, context or "-", error.detail)
-    return json_response({"detail": error.detail}, error.status)
+    log.log(level, "%s %s -> %d %s: %s%s", request.method, endpoint, error.status, context or "-", error.detail, note)
+    return json_response(error.body if error.body is not None else {"detail": error.detail}, error.status)
 
 
 @dataclass
@@ -102,23 +102,39 @@ class Call:
     job: Job
     endpoint: str
     task: str | None = None
+    filename: str = ""  # the upload's name, for protocols that echo it
     served: list[tuple[str, str, str]] = field(default_factory=list)  # (task, type, model)
 
 
 async def answer(
-    request: Request, endpoint: str, work: Callable[[Call], Awaitable[Response]], interactive: bool = False
+    request: Request,
+    endpoint: str,
+    work: Callable[[Call], Awaitable[Response]],
+    interactive: bool = False,
+    guard: Callable[[Request], None] | None = None,
+    soft: Callable[[PredictError], Response | None] | None = None,
 ) -> Response:
-    """Admit a request and run `work(call)`; any error becomes its one logged, JSON answer. Counted either way."""
+    """Admit a request and run `work(call)`; any error becomes its one logged answer. Counted either way.
+
+    `guard` runs before admission (authentication: a refused client takes no queue place); `soft` may turn an
+    error into the 200 answer a protocol expects instead (MT Photos' `{"result": [], "msg": ...}`).
+    """
     rt: Runtime = request.app.state.runtime
     started = time.perf_counter()
     call: Call | None = None
     error: PredictError | None = None
     try:
+        if guard is not None:
+            guard(request)
         call = Call(rt.admit(interactive=interactive), endpoint)
         response = await work(call)
     except PredictError as e:
         error = e
-        response = refusal(request, e, endpoint) or Response(status_code=499)
+        soft_answer = soft(e) if soft is not None else None
+        note = " (answered 200 with this message, as the protocol expects)" if soft_answer is not None else ""
+        response = refusal(request, e, endpoint, note) or Response(status_code=499)
+        if soft_answer is not None and response.status_code != 499:
+            response = soft_answer
     except Exception as e:  # last line of defence: a JSON 500, and the server keeps serving
         log.exception("Unexpected error in %s", endpoint)
         error = PredictError(f"Internal error: {type(e).__name__}: {e}")
@@ -156,7 +172,9 @@ async def predict(request: Request) -> Response:
     async def work(call: Call) -> Response:
         job = call.job
         async with read_form(request, read_limits(rt.settings)) as form:
-            entries = parse_entries(await read_small_field(form, "entries"))
+            data = decode_entries(await read_small_field(form, "entries"))
+            fork = fork_ocr.is_fork_request(data)  # the OCR fork of Immich: recognition without detection
+            entries = fork_ocr.entries(data, rt.settings.mt_ocr_model) if fork else entries_from(data)
             call.task = entries[0].task
             text = await read_small_field(form, "text") or None
             image = form.files.get("image")
@@ -166,6 +184,8 @@ async def predict(request: Request) -> Response:
             job.interactive = all(e.needs_text for e in entries)  # a search: the interactive lane
             result = await run_job(request, job, pipeline.run, rt.engine, job, entries, image, text)
             call.served = result.served
+        if fork:
+            return json_response(fork_ocr.answer(result.outputs[(OCR, RECOGNITION)], result.size))
         return json_response(result.body)
 
     return await answer(request, "/predict", work)
@@ -206,5 +226,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/{prefix:path}/predict", predict, methods=["POST"]),
         Route("/{prefix:path}/info", info),
     ]
+    from immich_aio import mt_photos  # an adapter over this module: imported here to keep the import order one-way
+
+    routes += mt_photos.ROUTES
     middleware = [Middleware(AccessLog)] if settings.access_log else []
     return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)

@@ -112,6 +112,34 @@ def _parse_aliases(env: _Env) -> dict[str, str]:
     return aliases
 
 
+def _parse_api_key(env: _Env) -> str | None:
+    """The MT Photos API key: MT_PHOTOS_API_KEY, or API_AUTH_KEY as the official service names it. Never echoed."""
+    for var in ("MT_PHOTOS_API_KEY", "API_AUTH_KEY"):
+        key = env.raw(var)
+        if key is None:
+            continue
+        if not 8 <= len(key) <= 256 or not all(33 <= ord(c) < 127 for c in key):
+            raise ConfigError(
+                f"{var} must be 8 to 256 visible ASCII characters (no spaces), as an HTTP header carries it; "
+                f"the value set has {len(key)} characters"
+            )
+        return key
+    return None
+
+
+_CN_CLIP_ARCHS = {"ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "RN50"}
+
+
+def _mt_clip_model(env: _Env) -> str:
+    """Which CLIP model answers MT Photos: a name resolved as Immich's are; cn_clip's arch names (the official
+    service's CLIP_MODEL values, e.g. ViT-B-16) mean the CN-CLIP model of that arch."""
+    for var in ("IMMICH_AIO_MT_CLIP_MODEL", "CLIP_MODEL"):
+        raw = env.raw(var)
+        if raw is not None:
+            return f"CN-CLIP-{raw}" if raw in _CN_CLIP_ARCHS else env.model_name(var, raw)
+    return "ViT-B-32__openai"  # what answers Immich by default
+
+
 def _parse_host(env: _Env) -> str:
     host = env.raw("IMMICH_HOST") or "[::]"
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -175,6 +203,12 @@ class Settings:
     max_connections: int = 1000
     max_queued: int = 128
     shutdown_grace_s: float = 8.0
+    mt_api_key: str | None = field(default=None, repr=False)  # the MT Photos API is off without it
+    mt_clip_model: str = "ViT-B-32__openai"
+    mt_clip_swap_rb: bool = False
+    mt_face_model: str = "buffalo_l"
+    mt_face_threshold: float = 0.65
+    mt_ocr_model: str = "PP-OCRv6_small"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -232,6 +266,20 @@ class Settings:
             # disk past 1 MB), so this bounds what queued work can cost. More gets a 503.
             max_queued=env.integer("IMMICH_AIO_MAX_QUEUED", 128, 1, 100_000),
             shutdown_grace_s=env.number("IMMICH_AIO_SHUTDOWN_GRACE_S", 8.0, 0, 3600),
+            mt_api_key=_parse_api_key(env),
+            mt_clip_model=_mt_clip_model(env),
+            mt_clip_swap_rb=env.boolean("IMMICH_AIO_MT_CLIP_SWAP_RB", False),
+            mt_face_model=env.model_name(
+                "IMMICH_AIO_MT_FACE_MODEL",
+                env.raw("IMMICH_AIO_MT_FACE_MODEL") or env.raw("RECOGNITION_MODEL") or "buffalo_l",
+            ),
+            mt_face_threshold=env.number(
+                "IMMICH_AIO_MT_FACE_THRESHOLD", env.number("DETECTION_THRESH", 0.65, 0.0, 1.0), 0.0, 1.0
+            ),
+            mt_ocr_model=env.model_name(
+                "IMMICH_AIO_MT_OCR_MODEL",
+                env.raw("IMMICH_AIO_MT_OCR_MODEL") or env.raw("IMMICH_AIO_OCR_MODEL") or "PP-OCRv6_small",
+            ),
         )
 
     def ttl_for(self, task: str, type_: str) -> float:

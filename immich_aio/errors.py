@@ -12,9 +12,10 @@ class PredictError(Exception):
 
     status = 500
 
-    def __init__(self, detail: str, *, served: str | None = None) -> None:
+    def __init__(self, detail: str, *, served: str | None = None, body: object = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.body = body  # the JSON sent instead of {"detail": detail}, where a protocol fixes its shape
         self.task: str | None = None
         self.type: str | None = None
         self.requested: str | None = None
@@ -31,6 +32,18 @@ class PredictError(Exception):
 
 class BadRequest(PredictError):
     status = 400
+
+
+class Unauthorized(PredictError):
+    status = 401
+
+
+class NotFound(PredictError):
+    status = 404
+
+
+class UndecodableImage(BadRequest):
+    """The upload is not an image in an accepted format (or is cut short)."""
 
 
 class RequestTimeout(PredictError):

@@ -27,6 +27,7 @@ FIELD_SLACK = 1024 * 1024  # room for `entries`, `text` and multipart headers be
 class Form:
     fields: dict[str, str] = field(default_factory=dict)
     files: dict[str, BinaryIO] = field(default_factory=dict)  # spooled uploads, positioned anywhere
+    filenames: dict[str, str] = field(default_factory=dict)  # as the client named each upload
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ async def read_form(request: Request, limits: ReadLimits, endpoint: str = "/pred
                 if value.size is not None and value.size > limits.max_upload_bytes:
                     raise PayloadTooLarge(_too_large(value.size, limits.max_upload_bytes + FIELD_SLACK))
                 form.files.setdefault(name, value.file)
+                form.filenames.setdefault(name, (value.filename or "")[:200])
             else:
                 form.fields.setdefault(name, value)
         yield form

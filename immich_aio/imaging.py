@@ -23,7 +23,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from immich_aio.errors import BadRequest, PayloadTooLarge, ServiceUnavailable
+from immich_aio.errors import BadRequest, PayloadTooLarge, ServiceUnavailable, UndecodableImage
 from immich_aio.jobs import Job
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -39,7 +39,7 @@ ImageSource = bytes | BinaryIO
 def _open(source: ImageSource) -> Image.Image:
     if isinstance(source, bytes | bytearray):
         if not source:
-            raise BadRequest(f"The image part is empty; send an image file ({_ACCEPTED_TEXT})")
+            raise UndecodableImage(f"The image part is empty; send an image file ({_ACCEPTED_TEXT})")
         stream: BinaryIO = io.BytesIO(source)
     else:
         stream = source
@@ -50,10 +50,10 @@ def _open(source: ImageSource) -> Image.Image:
             return Image.open(stream, formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError as e:
         if stream.seek(0, io.SEEK_END) == 0:
-            raise BadRequest(f"The image part is empty; send an image file ({_ACCEPTED_TEXT})") from e
-        raise BadRequest(f"The image could not be decoded; accepted formats: {_ACCEPTED_TEXT}") from e
+            raise UndecodableImage(f"The image part is empty; send an image file ({_ACCEPTED_TEXT})") from e
+        raise UndecodableImage(f"The image could not be decoded; accepted formats: {_ACCEPTED_TEXT}") from e
     except Exception as e:  # truncated headers and other malformed input
-        raise BadRequest(f"The image could not be decoded ({e}); accepted formats: {_ACCEPTED_TEXT}") from e
+        raise UndecodableImage(f"The image could not be decoded ({e}); accepted formats: {_ACCEPTED_TEXT}") from e
 
 
 def _check_size(width: int, height: int, max_pixels: int) -> None:
@@ -84,7 +84,7 @@ def decode_image(source: ImageSource, max_pixels: int) -> np.ndarray:
                 rgb = image if image.mode == "RGB" else _to_rgb(image)
                 array = np.asarray(rgb, dtype=np.uint8)
         except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise BadRequest(f"The image could not be decoded ({e}); accepted formats: {_ACCEPTED_TEXT}") from e
+            raise UndecodableImage(f"The image could not be decoded ({e}); accepted formats: {_ACCEPTED_TEXT}") from e
     if array.ndim != 3 or array.shape[2] != 3:
         raise BadRequest(f"The image decoded to an unexpected shape {array.shape}")
     return np.ascontiguousarray(array)

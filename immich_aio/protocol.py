@@ -50,11 +50,12 @@ class Entry:
 
 
 def parse_entries(raw: str | bytes | None) -> list[Entry]:
-    """Validate `entries` and order it so every detection runs before its recognition.
+    """Validate `entries` and order it so every detection runs before its recognition."""
+    return entries_from(decode_entries(raw))
 
-    Shape errors are 422 (as upstream's validation); an unknown task or type is 400 naming
-    the known ones.
-    """
+
+def decode_entries(raw: str | bytes | None) -> dict[str, Any]:
+    """The `entries` field as a JSON object; shape errors are 422, as upstream's validation."""
     if raw is None:
         raise InvalidEntries('Field "entries" is required: a JSON object {task: {type: {"modelName": ...}}}')
     try:
@@ -63,7 +64,11 @@ def parse_entries(raw: str | bytes | None) -> list[Entry]:
         raise InvalidEntries(f'"entries" is not valid JSON: {e}') from e
     if not isinstance(data, dict) or not data:
         raise InvalidEntries('"entries" must be a non-empty JSON object {task: {type: {"modelName": ...}}}')
+    return data
 
+
+def entries_from(data: dict[str, Any]) -> list[Entry]:
+    """Entries in run order (detection before its recognition); an unknown task or type is 400 naming the known."""
     entries: list[Entry] = []
     for task, types in data.items():
         if task not in TASK_TYPES:

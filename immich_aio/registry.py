@@ -206,8 +206,8 @@ class ModelRegistry:
             trim()
         return unloaded
 
-    def unload_all(self) -> list[tuple[str, str, str]]:
-        """Unload every model that no run holds (e.g. on MT Photos' /restart); returns what was unloaded."""
+    def unload_all(self, keep_pinned: bool = False) -> list[tuple[str, str, str]]:
+        """Unload every model (runs under way finish first); `keep_pinned` spares the preloaded ones."""
         with self._lock:
             slots = list(self._slots.items())
         unloaded = []
@@ -215,7 +215,7 @@ class ModelRegistry:
             with slot.lock:
                 with self._lock:
                     model = slot.model
-                    if model is None:
+                    if model is None or (keep_pinned and slot.pinned):
                         continue
                     slot.model, slot.files = None, {}
                     model.retired = True

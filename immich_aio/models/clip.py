@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from immich_aio.errors import BadRequest
 from immich_aio.jobs import Job
 from immich_aio.models.base import Model, Payload
 from immich_aio.protocol import CLIP, TEXTUAL, VISUAL, vector_string
@@ -111,23 +112,36 @@ class ClipTower(Model):
         return np.int32 if "int32" in self.session.get_inputs()[index].type else np.int64
 
     def embed(self, items: Sequence[tuple[np.ndarray, ...]]) -> np.ndarray:
-        """Run prepared items (any number) and return L2-normalised rows."""
+        """Run prepared items (any number) and return the model's rows as they come out.
+
+        The raw rows are the output: Immich's answer L2-normalises them (`response`); the MT Photos API sends
+        them as the official service does, un-normalised.
+        """
         assert self.session is not None
         if self.fixed_batch_1 and len(items) > 1:
             out = np.concatenate([self.infer(self._feeds([item]))[0] for item in items])
         else:
             out = self.infer(self._feeds(items))[0]
-        return l2_normalise(out.reshape(len(items), -1))
+        return out.reshape(len(items), -1).astype(np.float32)
 
     def _feeds(self, items: Sequence[tuple[np.ndarray, ...]]) -> dict[str, np.ndarray]:
         return {name: np.stack([item[i] for item in items]) for i, name in enumerate(self.input_names)}
+
+    @staticmethod
+    def image_for(payload: Payload, options: dict[str, Any]) -> np.ndarray:
+        """The RGB image, or (option `swapRB`) with red and blue swapped, as some MT Photos images embedded."""
+        assert payload.image is not None
+        swap = options.get("swapRB", False)
+        if not isinstance(swap, bool):
+            raise BadRequest(f"option 'swapRB' must be true or false, got {swap!r}")
+        return np.ascontiguousarray(payload.image[..., ::-1]) if swap else payload.image
 
     def encode(self, item: tuple[np.ndarray, ...], job: Job) -> np.ndarray:
         assert self.batcher is not None
         return self.batcher.map([item], job)[0]
 
     def response(self, output: np.ndarray, options: dict[str, Any]) -> str:
-        return vector_string(output)
+        return vector_string(l2_normalise(output))
 
 
 class CnClipVisual(ClipTower):
@@ -141,8 +155,7 @@ class CnClipVisual(ClipTower):
         return (preprocess_image(image, self.config.image_size),)
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> np.ndarray:
-        assert payload.image is not None
-        return self.encode(self.prepare(payload.image), payload.job)
+        return self.encode(self.prepare(self.image_for(payload, options)), payload.job)
 
 
 class CnClipTextual(ClipTower):

@@ -122,8 +122,7 @@ class ImmichClipVisual(ClipTower):
         return (self.preprocess(image),)
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> np.ndarray:
-        assert payload.image is not None
-        return self.encode(self.prepare(payload.image), payload.job)
+        return self.encode(self.prepare(self.image_for(payload, options)), payload.job)
 
 
 class ImmichClipTextual(ClipTower):

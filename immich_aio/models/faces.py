@@ -129,7 +129,7 @@ class FaceDetector(Model):
         marks = np.concatenate(points).astype(np.float32) / scale if self.has_landmarks else None
         keep = nms(box, score)
         return {
-            "boxes": box[keep].round(),
+            "boxes": box[keep],  # float pixels; Immich's answer rounds them, MT Photos' truncates them
             "scores": score[keep],
             "landmarks": marks[keep] if marks is not None else np.zeros((len(keep), 0, 2), np.float32),
         }
@@ -139,7 +139,7 @@ class FaceDetector(Model):
         return self.detect(payload.image, option_float(options, "minScore", 0.7, 0.0, 1.0), payload.job)
 
     def response(self, output: dict[str, np.ndarray], options: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.tolist() for k, v in output.items()}
+        return {k: (v.round() if k == "boxes" else v).tolist() for k, v in output.items()}
 
 
 class FaceRecognizer(Model):
@@ -191,21 +191,26 @@ class FaceRecognizer(Model):
         blob = ((crops.astype(np.float32) - self.mean) / self.std).transpose(0, 3, 1, 2)
         return self.infer({self.input_name: np.ascontiguousarray(blob)})[0].reshape(len(blob), -1)
 
-    def predict(self, payload: Payload, options: dict[str, Any]) -> list[dict[str, Any]]:
+    def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The detector's boxes and scores with one raw (un-normalised) embedding per face."""
         assert payload.image is not None
         det = payload.outputs[(FACES, DETECTION)]
         if len(det["boxes"]) == 0:
-            return []
+            return {"boxes": det["boxes"], "scores": det["scores"], "embeddings": np.zeros((0, 512), np.float32)}
         if det["landmarks"].shape[1] != 5:
             raise ValueError("the detector gives no landmarks, so faces cannot be aligned for recognition")
         assert self.batcher is not None
         crops = [align(payload.image, marks, self.size) for marks in det["landmarks"]]
-        embeddings = self.batcher.map(crops, payload.job)
+        embeddings = np.stack(self.batcher.map(crops, payload.job)).astype(np.float32)
+        return {"boxes": det["boxes"], "scores": det["scores"], "embeddings": embeddings}
+
+    def response(self, output: dict[str, np.ndarray], options: dict[str, Any]) -> list[dict[str, Any]]:
+        """Immich's faces: integral boxes (as floats), raw 512-d embeddings as strings, by descending score."""
         return [
             {
-                "boundingBox": dict(zip(("x1", "y1", "x2", "y2"), map(float, box), strict=True)),
+                "boundingBox": dict(zip(("x1", "y1", "x2", "y2"), map(float, box.round()), strict=True)),
                 "embedding": vector_string(emb),
                 "score": float(score),
             }
-            for box, emb, score in zip(det["boxes"], embeddings, det["scores"], strict=True)
+            for box, emb, score in zip(output["boxes"], output["embeddings"], output["scores"], strict=True)
         ]

@@ -193,4 +193,8 @@ class OcrRecognizer(Model):
         # float32 so the JSON carries float32's shortest repr, like upstream's numpy output
         box = (boxes[keep] / scale).astype(np.float32).reshape(-1) if keep else np.zeros(0, np.float32)
         box_score = [round(float(s), 5) for s in box_scores[keep]] if keep else []
-        return {"text": text, "box": box, "boxScore": box_score, "textScore": text_score}
+        quads = boxes[keep] if keep else np.zeros((0, 4, 2), np.float32)  # pixels, for the MT Photos shapes
+        return {"text": text, "box": box, "boxScore": box_score, "textScore": text_score, "quads": quads}
+
+    def response(self, output: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+        return {k: output[k] for k in ("text", "box", "boxScore", "textScore")}
