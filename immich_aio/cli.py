@@ -8,14 +8,20 @@ import sys
 import immich_aio  # noqa: F401  (sets ORT_DISABLE_TELEMETRY before onnxruntime is imported)
 
 
-def serve() -> int:
+def serve(restart_argv: list[str] | None = None) -> int:
+    """Start the server; `restart_argv` (the command line, when run as a program) lets it start itself
+    again with jemalloc preloaded (immich_aio.memory)."""
+    from immich_aio import memory
     from immich_aio.config import ConfigError, Settings
 
     try:
         settings = Settings.from_env()
-    except ConfigError as e:
+        allocator, library = memory.wanted(settings.allocator)
+    except (ConfigError, ValueError) as e:
         print(f"immich-aio: {e}", file=sys.stderr)
         return 2
+    if library is not None and memory.active() != allocator and restart_argv is not None:
+        memory.restart_preloaded(library, restart_argv)  # does not return when it works
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -30,7 +36,6 @@ def serve() -> int:
         )
         return 2
     from immich_aio.app import create_app
-    from immich_aio.memory import limit_arenas
     from immich_aio.serving import serve as run_server
     from immich_aio.sessions import SessionFactory
 
@@ -40,7 +45,7 @@ def serve() -> int:
         print(f"immich-aio: {e}", file=sys.stderr)
         return 2
 
-    limit_arenas()
+    memory.limit_arenas()
     try:
         run_server(settings, create_app(settings))
     except OSError as e:  # the port is taken, the address does not exist here, ...
@@ -50,6 +55,7 @@ def serve() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    program = argv is None  # run as `immich-aio` / `python -m immich_aio`, not called from Python
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "models":
         from immich_aio.download.cli import main as models_main
@@ -61,4 +67,4 @@ def main(argv: list[str] | None = None) -> int:
             "       immich-aio models ...  fetch, export or import models (see `immich-aio models -h`)"
         )
         return 0
-    return serve()
+    return serve(restart_argv=sys.orig_argv[1:] if program else None)

@@ -85,6 +85,14 @@ class _Env:
             return False
         raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        if raw.lower() not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+        return raw.lower()
+
     def model_name(self, name: str, value: str) -> str:
         try:
             return clean_name(value)
@@ -110,6 +118,14 @@ def _parse_aliases(env: _Env) -> dict[str, str]:
             raise ConfigError(f"{var} entries look like immich_name=served_name, got {pair!r}")
         aliases[env.model_name(var, immich_name.strip())] = env.model_name(var, served.strip())
     return aliases
+
+
+def _parse_allocator(env: _Env) -> str:
+    """auto, jemalloc, mimalloc, glibc, or an absolute path to the library (checked when the server starts)."""
+    raw = env.raw("IMMICH_AIO_ALLOCATOR")
+    if raw is not None and raw.startswith("/"):
+        return raw
+    return env.choice("IMMICH_AIO_ALLOCATOR", "auto", ("auto", "jemalloc", "mimalloc", "glibc"))
 
 
 def _parse_api_key(env: _Env) -> str | None:
@@ -187,7 +203,7 @@ class Settings:
     preload: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
     max_upload_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 100_000_000
-    decode_budget_pixels: int = 32_000_000
+    decode_budget_pixels: int = 0  # 0: DECODE_MP_PER_RUN per concurrent run (Runtime)
     decode_wait_s: float = 120.0
     ocr_default_model: str = "PP-OCRv6_small"
     ocr_max_side: int = 2560
@@ -209,6 +225,8 @@ class Settings:
     mt_face_model: str = "buffalo_l"
     mt_face_threshold: float = 0.65
     mt_ocr_model: str = "PP-OCRv6_small"
+    clip_reduced_decode: bool = False
+    allocator: str = "auto"  # auto | jemalloc | mimalloc | glibc
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -225,7 +243,9 @@ class Settings:
         # Upstream: a TTL <= 0 disables unloading.
         model_ttl = max(0.0, env.number("MACHINE_LEARNING_MODEL_TTL", 300.0, -1e9, 1e9))
         max_pixels = env.integer("IMMICH_AIO_MAX_PIXELS", 100_000_000, 1024, 1_000_000_000)
-        budget_mp = env.number("IMMICH_AIO_DECODE_BUDGET_MP", 32, 1, 10_000)
+        budget_mp = env.number("IMMICH_AIO_DECODE_BUDGET_MP", 0, 0, 10_000)
+        if 0 < budget_mp < 1:
+            raise ConfigError(f"IMMICH_AIO_DECODE_BUDGET_MP must be 0 (automatic) or at least 1, got {budget_mp:g}")
         return cls(
             host=_parse_host(env),
             port=env.integer("IMMICH_PORT", 3003, 1, 65535),
@@ -246,7 +266,7 @@ class Settings:
             max_upload_bytes=int(env.number("IMMICH_AIO_MAX_UPLOAD_MB", 64, 0.01, 1024) * 1024 * 1024),
             max_pixels=max_pixels,
             # Decoded images held at once; one image larger than the budget still runs, alone.
-            decode_budget_pixels=int(budget_mp * 1_000_000),
+            decode_budget_pixels=round(budget_mp * 1_000_000),
             decode_wait_s=env.number("IMMICH_AIO_DECODE_WAIT_S", 120.0, 0.1, 3600),
             ocr_default_model=env.model_name(
                 "IMMICH_AIO_OCR_MODEL", env.raw("IMMICH_AIO_OCR_MODEL") or "PP-OCRv6_small"
@@ -266,6 +286,8 @@ class Settings:
             # disk past 1 MB), so this bounds what queued work can cost. More gets a 503.
             max_queued=env.integer("IMMICH_AIO_MAX_QUEUED", 128, 1, 100_000),
             shutdown_grace_s=env.number("IMMICH_AIO_SHUTDOWN_GRACE_S", 8.0, 0, 3600),
+            clip_reduced_decode=env.boolean("IMMICH_AIO_CLIP_REDUCED_DECODE", False),
+            allocator=_parse_allocator(env),
             mt_api_key=_parse_api_key(env),
             mt_clip_model=_mt_clip_model(env),
             mt_clip_swap_rb=env.boolean("IMMICH_AIO_MT_CLIP_SWAP_RB", False),

@@ -2,21 +2,25 @@
 
 The rule for payloads, applied to every client protocol: each entry takes the part it needs
 (`clip.textual` the text, every other entry the image). A part no entry needs is ignored and never
-decoded. Names are resolved before anything is decoded, so a bad name costs nothing; the image is
-decoded within the shared pixel budget, when the request's turn comes.
+decoded. Names are resolved and the image's header checked before anything is decoded, so a bad
+name or an oversized image costs nothing. The image is decoded when the first model asks for it,
+within the shared pixel budget, and let go as soon as its last user has taken what it needs.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
+
 from immich_aio.errors import InferenceError, PredictError
-from immich_aio.imaging import ImageSource, PixelBudget, decode_image, probe
+from immich_aio.imaging import ImageSource, PixelBudget, load_rgb, open_image, probe
 from immich_aio.jobs import Job
 from immich_aio.models.base import ModelSpec, Payload
-from immich_aio.protocol import Entry
+from immich_aio.protocol import CLIP, Entry
 from immich_aio.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -38,7 +42,7 @@ class Result:
     outputs: dict[tuple[str, str], Any] = field(default_factory=dict)
     body: dict[str, Any] = field(default_factory=dict)
     served: list[tuple[str, str, str]] = field(default_factory=list)  # (task, type, model) per entry
-    size: tuple[int, int] | None = None  # (height, width) of the decoded image
+    size: tuple[int, int] | None = None  # (height, width) of the image as sent
 
 
 def resolve(engine: Engine, entries: list[Entry]) -> list[ModelSpec]:
@@ -61,21 +65,48 @@ def run(
     """Blocking; call from a worker thread."""
     job.check()
     specs = resolve(engine, entries)
-    needs_image = any(not e.needs_text for e in entries)
-    payload = Payload(job=job, text=text if any(e.needs_text for e in entries) else None)
-    if needs_image and image is not None:
-        width, height = probe(image, engine.max_pixels)
-        with engine.budget.hold(width * height, job):
+    text = text if any(e.needs_text for e in entries) else None
+    image_entries = [e for e in entries if not e.needs_text]
+    if not image_entries or image is None:
+        return _run_entries(engine, entries, specs, Payload(job, text=text))
+    width, height = probe(image, engine.max_pixels)
+    payload = Payload(
+        job,
+        text=text,
+        size=(height, width),
+        decoder=_decoder(engine, job, image),
+        # CLIP-only requests: the models resize to a small square, so a JPEG may be decoded reduced
+        may_reduce=all(e.task == CLIP for e in image_entries),
+    )
+    try:
+        return _run_entries(engine, entries, specs, payload)
+    finally:
+        payload.drop_image()
+
+
+def _decoder(
+    engine: Engine, job: Job, source: ImageSource
+) -> Callable[[int | None], tuple[Image.Image, Callable[[], None]]]:
+    def decode(min_side: int | None) -> tuple[Image.Image, Callable[[], None]]:
+        opened = open_image(source, engine.max_pixels, min_side)
+        lease = engine.budget.acquire(opened.width * opened.height, job)
+        try:
             job.check()
-            payload.image = decode_image(image, engine.max_pixels)
-            return _run_entries(engine, entries, specs, payload)
-    return _run_entries(engine, entries, specs, payload)
+            return load_rgb(opened), lease.release
+        except BaseException:
+            opened.close()
+            lease.release()
+            raise
+
+    return decode
 
 
 def _run_entries(engine: Engine, entries: list[Entry], specs: list[ModelSpec], payload: Payload) -> Result:
     result = Result()
-    for entry, spec in zip(entries, specs, strict=True):
+    last_image_entry = max((i for i, e in enumerate(entries) if not e.needs_text), default=-1)
+    for index, (entry, spec) in enumerate(zip(entries, specs, strict=True)):
         payload.job.check()
+        payload.last_image_user = index == last_image_entry
         try:
             with engine.registry.use(spec) as model:
                 try:
@@ -88,11 +119,13 @@ def _run_entries(engine: Engine, entries: list[Entry], specs: list[ModelSpec], p
                     raise InferenceError(f"{entry.task}.{entry.type} with model '{spec.name}' failed: {e}") from e
         except PredictError as err:
             raise err.about(entry.task, entry.type, entry.model_name, spec.name) from None
+        if index == last_image_entry:
+            payload.drop_image()
         payload.outputs[(entry.task, entry.type)] = output
         result.body[entry.task] = wire  # recognition replaces its detection under the task key
         result.served.append((entry.task, entry.type, spec.name))
     result.outputs = payload.outputs
-    if payload.image is not None:
-        result.size = payload.image.shape[:2]
+    if payload.size is not None:
+        result.size = payload.size
         result.body["imageHeight"], result.body["imageWidth"] = result.size
     return result

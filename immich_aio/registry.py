@@ -94,6 +94,8 @@ class ModelRegistry:
                     f"Failed to load model '{spec.name}' ({spec.task}.{spec.type}): {e}", served=spec.name
                 ) from e
             files = self._describe(model)
+            gc.collect()
+            trim()  # loading parses whole model files: hand the transient memory back (glibc keeps it otherwise)
             if spec.identity() == before:
                 self._listener("loaded", spec.key, time.perf_counter() - started)
                 log.info("Loaded %s/%s/%s in %.2fs", *spec.key, time.perf_counter() - started)

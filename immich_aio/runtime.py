@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import onnxruntime as ort
 from prometheus_client.core import GaugeMetricFamily
 
-from immich_aio import __version__
+from immich_aio import __version__, memory
 from immich_aio.config import Settings
 from immich_aio.errors import PredictError, ServiceUnavailable
 from immich_aio.imaging import PixelBudget
@@ -34,6 +34,13 @@ from immich_aio.sessions import SessionFactory
 from immich_aio.store import TASKS, ModelStore
 
 log = logging.getLogger(__name__)
+
+# Quiet this long after the last answer: the memory the requests freed goes back to the system. Long
+# enough that a steady stream of jobs (Immich's queues) never pays for pages it would fault in again.
+IDLE_TRIM_S = 2.0
+# Decoded pixels per concurrent run: about three 1440-px previews, one in its run and two ready for the
+# next, so the runs never wait for a decode while queued requests hold only their (compressed) upload.
+DECODE_MP_PER_RUN = 8
 T = TypeVar("T")
 IMMICH_DEFAULTS = {"ViT-B-32__openai", "buffalo_l", "PP-OCRv5_mobile"}  # what Immich sends unless told otherwise
 
@@ -62,9 +69,12 @@ class Runtime:
             store=self.store,
             listener=self.metrics.model_event,
         )
-        self.budget = PixelBudget(settings.decode_budget_pixels, settings.decode_wait_s)
+        budget = settings.decode_budget_pixels or DECODE_MP_PER_RUN * 1_000_000 * self.factory.gate.slots
+        self.budget = PixelBudget(budget, settings.decode_wait_s)
         self.engine = Engine(self.registry, self.budget, settings.max_pixels)
         self.jobs: set[Job] = set()  # admitted and not yet answered
+        self._quiet = 0  # counts the moments the last request in flight was answered
+        self.trims = 0  # idle trims done, for tests and /metrics
         self.draining = False
         self._tasks: list[asyncio.Task[Any]] = []
         self.metrics.watch(self._live_gauges)
@@ -115,7 +125,19 @@ class Runtime:
         return job
 
     def done(self, job: Job) -> None:
+        """Called on the event loop when a request is answered; the last one out schedules the idle trim."""
         self.jobs.discard(job)
+        if not self.jobs:
+            self._quiet += 1
+            asyncio.get_running_loop().call_later(IDLE_TRIM_S, self._trim_if_quiet, self._quiet)
+
+    def _trim_if_quiet(self, quiet: int) -> None:
+        """Still nothing in flight since that moment: give freed memory back (memory.trim), off the loop."""
+        if quiet != self._quiet or self.jobs or self.draining:
+            return
+        self.trims += 1
+        with contextlib.suppress(RuntimeError):  # the executor has shut down
+            self.executor.submit(memory.trim)
 
     def cancel_queued(self, error: PredictError) -> int:
         """Shutdown past its grace period: jobs that have not started a run are answered with `error`.
@@ -130,12 +152,18 @@ class Runtime:
     def banner(self) -> str:
         """The one startup summary: version, providers, store, thread budget, and who answers what."""
         f = self.factory
+        allocator = memory.active()
+        hint = (
+            " (install libjemalloc2 for a smaller footprint: README, Memory)"
+            if allocator == "glibc" and self.settings.allocator == "auto"
+            else ""
+        )
         lines = [
             f"immich-aio {__version__} on ONNX Runtime {ort.__version__}, providers {', '.join(f.providers)}",
-            f"  model store {self.store.root}",
+            f"  model store {self.store.root}; memory allocator {allocator}{hint}",
             f"  threads: {f.intra_threads} per run, {f.gate.slots} concurrent runs, "
             f"{self.settings.request_threads} request threads; batches up to {f.batch_size}; "
-            f"decode budget {self.settings.decode_budget_pixels / 1e6:g} MP",
+            f"decode budget {self.budget.total / 1e6:g} MP",
         ]
         for task, resolver in self.registry.resolvers.items():
             by_model: dict[tuple[str, str], set[str]] = {}
@@ -228,11 +256,13 @@ class Runtime:
             "version": __version__,
             "onnxruntime": ort.__version__,
             "providers": self.factory.providers,
+            "allocator": memory.active(),
             "threads": {
                 "intraOp": self.factory.intra_threads,
                 "concurrentRuns": self.factory.gate.slots,
                 "requestThreads": self.settings.request_threads,
                 "maxBatch": self.factory.batch_size,
+                "decodeBudgetMegapixels": self.budget.total / 1e6,
             },
             "modelStore": str(self.store.root),
             "models": sorted(models, key=lambda m: (m["task"], m["type"], m["name"])),

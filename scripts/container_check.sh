@@ -81,6 +81,7 @@ body = json.load(open("/tmp/container-check-ocr.json", encoding="utf-8"))
 assert body["ocr"]["text"] == truth, (body["ocr"]["text"], truth)
 info = json.load(open("/tmp/container-check-info.json", encoding="utf-8"))
 assert info["modelStore"] == "/cache" and "CPUExecutionProvider" in info["providers"], info
+assert info["allocator"] == "jemalloc", info["allocator"]
 assert {m["name"] for m in info["models"]} == {"PP-OCRv6_small"}, info["models"]
 assert "immich_aio_requests_total" in open("/tmp/container-check-metrics.txt").read()
 print("  OCR read", " / ".join(body["ocr"]["text"]))
@@ -91,7 +92,7 @@ PY
 code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$NAME")
 [[ $code == 0 ]] || { "$DOCKER" logs --tail 20 "$NAME" 2>&1; say "FAIL: docker stop gave exit code $code, not 0"; exit 1; }
 "$DOCKER" rm "$NAME" >/dev/null
-say "CPU image: PASS (OCR, /info, /metrics, uid 1000, models CLI, clean stop)"
+say "CPU image: PASS (OCR, /info, jemalloc, /metrics, uid 1000, models CLI, clean stop)"
 
 # ---- CUDA image -------------------------------------------------------------------------------------------
 cuda_s=$(build cuda)

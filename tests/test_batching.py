@@ -157,6 +157,36 @@ def test_gate_hands_slots_over_in_arrival_order():
     assert order == ["face", "ocr", "clip"]
 
 
+def test_a_started_request_finishes_first():
+    """Issue 13: once a photo's detection has run, its recognition goes ahead of detections of photos that
+    arrived later, even when those were queued at the gate first."""
+    gate = RunGate(1)
+    order: list[str] = []
+    photo = Job()  # admitted first; its detection has already run
+    later = [Job(), Job()]  # admitted after it, not started
+    recognition = Batcher(lambda items: [order.append(f"recognition {i}") or i for i in items], BatchPolicy(8), gate)
+    gate.acquire()  # another request's run holds the only slot
+
+    def detect(job: Job, name: str) -> None:
+        with gate.slot(job):
+            order.append(name)
+
+    threads = [threading.Thread(target=detect, args=(j, f"detection {k}")) for k, j in enumerate(later)]
+    for t in threads:
+        t.start()
+    while gate.waiting < 2:
+        time.sleep(0.001)
+    faces = recognition.submit_many([1, 2], photo)  # queued last
+    while gate.waiting < 3:
+        time.sleep(0.001)
+    gate.release()
+    assert [f.result(10) for f in faces] == [1, 2]
+    for t in threads:
+        t.join(10)
+    recognition.close()
+    assert order == ["recognition 1", "recognition 2", "detection 0", "detection 1"]
+
+
 def test_close_fails_pending_work_and_refuses_new():
     batcher, rec, release = blocked_batcher()
     batcher.submit(0, Job())

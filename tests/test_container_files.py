@@ -37,6 +37,7 @@ def test_dockerfile_keeps_immich_mls_contract():
     assert "EXPOSE 3003" in text and "MACHINE_LEARNING_CACHE_FOLDER=/cache" in text
     assert 'CMD ["/opt/venv/bin/python", "-m", "immich_aio.healthcheck"]' in text
     assert "USER 1000:1000" in text and "ORT_DISABLE_TELEMETRY=1" in text
+    assert "libjemalloc2=" in text and "IMMICH_AIO_ALLOCATOR=jemalloc" in text  # issue 13: the measured choice
     assert text.rstrip().splitlines()[-2].startswith("FROM runtime AS cpu")  # CPU is the default target
 
 

@@ -181,15 +181,15 @@ def test_pixel_budget_larger_image_runs_alone_times_out_and_notices_cancel():
 
 
 def test_decoded_images_alive_at_once_stay_within_the_budget(make_client, monkeypatch):
-    from immich_aio import pipeline
+    from immich_aio.models import base
 
     client = make_client(IMMICH_AIO_DECODE_BUDGET_MP="1", MACHINE_LEARNING_REQUEST_THREADS="8")
     alive, peak = [0], [0]
     lock = threading.Lock()
-    real = pipeline.decode_image
+    real = base.to_array
 
-    def counting(source, max_pixels):
-        array = real(source, max_pixels)
+    def counting(image):
+        array = real(image)
         with lock:
             alive[0] += 1
             peak[0] = max(peak[0], alive[0])
@@ -201,12 +201,22 @@ def test_decoded_images_alive_at_once_stay_within_the_budget(make_client, monkey
         weakref.finalize(array, gone)
         return array
 
-    monkeypatch.setattr(pipeline, "decode_image", counting)
+    monkeypatch.setattr(base, "to_array", counting)
     image = encode(np.random.default_rng(0).integers(0, 255, (900, 1000, 3), dtype=np.uint8))  # 0.9 MP
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda _: predict(client, OCR_ENTRIES, image=image).status_code, range(8)))
     assert codes == [200] * 8
     assert peak[0] == 1  # 16 request threads used to decode everything queued at once
+
+
+def test_the_decode_budget_follows_the_concurrent_runs(make_client):
+    """Issue 13: decoded pixels for about three previews per run (one running, two ready), unless set."""
+    for runs, expected in (("1", 8.0), ("3", 24.0)):
+        info = make_client(IMMICH_AIO_CONCURRENT_RUNS=runs).get("/info").json()
+        assert info["threads"]["decodeBudgetMegapixels"] == expected
+    assert (
+        make_client(IMMICH_AIO_DECODE_BUDGET_MP="2.5").get("/info").json()["threads"]["decodeBudgetMegapixels"] == 2.5
+    )
 
 
 def test_high_bit_depth_images_decode_without_large_float_copies():

@@ -55,9 +55,11 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def preprocess_image(image: np.ndarray, size: int) -> np.ndarray:
-    """RGB uint8 HxWx3 -> float32 3xSxS, exactly Chinese-CLIP's transform (squash, bicubic, CLIP norm)."""
-    resized = Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC)
+def preprocess_image(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """RGB image -> float32 3xSxS, exactly Chinese-CLIP's transform (squash, bicubic, CLIP norm)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    resized = image.resize((size, size), Image.Resampling.BICUBIC)
     x = np.asarray(resized, dtype=np.float32) / 255.0
     return ((x - MEAN) / STD).transpose(2, 0, 1)
 
@@ -127,14 +129,31 @@ class ClipTower(Model):
     def _feeds(self, items: Sequence[tuple[np.ndarray, ...]]) -> dict[str, np.ndarray]:
         return {name: np.stack([item[i] for item in items]) for i, name in enumerate(self.input_names)}
 
-    @staticmethod
-    def image_for(payload: Payload, options: dict[str, Any]) -> np.ndarray:
+    def decode_side(self, image_size: int) -> int | None:
+        """The shorter side a reduced JPEG decode must keep (IMMICH_AIO_CLIP_REDUCED_DECODE), or None.
+
+        Twice the model's input: the bicubic resize after it still averages at least 2×2 decoded pixels per
+        input pixel. Off by default, because the vectors are then close to, not identical with, a full
+        decode's (Immich ML's, the official services').
+        """
+        return 2 * image_size if self.factory.settings.clip_reduced_decode else None
+
+    def image_for(self, payload: Payload, options: dict[str, Any], image_size: int) -> Image.Image:
         """The RGB image, or (option `swapRB`) with red and blue swapped, as some MT Photos images embedded."""
-        assert payload.image is not None
         swap = options.get("swapRB", False)
         if not isinstance(swap, bool):
             raise BadRequest(f"option 'swapRB' must be true or false, got {swap!r}")
-        return np.ascontiguousarray(payload.image[..., ::-1]) if swap else payload.image
+        image = payload.pil(self.decode_side(image_size))
+        return Image.merge("RGB", image.split()[::-1]) if swap else image
+
+    def encode_image(self, payload: Payload, options: dict[str, Any], image_size: int) -> np.ndarray:
+        """Prepare the model input, let the decoded image go, then wait for the (batched) run."""
+        item = self.prepare(self.image_for(payload, options, image_size))
+        payload.done_with_image()
+        return self.encode(item, payload.job)
+
+    def prepare(self, source: Any) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
 
     def encode(self, item: tuple[np.ndarray, ...], job: Job) -> np.ndarray:
         assert self.batcher is not None
@@ -151,11 +170,11 @@ class CnClipVisual(ClipTower):
         self.config = ClipConfig.read(self.files["model"].parent.parent)
         self.open_session(self.files["model"], self.config.embed_dim)
 
-    def prepare(self, image: np.ndarray) -> tuple[np.ndarray]:
+    def prepare(self, image: Image.Image | np.ndarray) -> tuple[np.ndarray]:
         return (preprocess_image(image, self.config.image_size),)
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> np.ndarray:
-        return self.encode(self.prepare(self.image_for(payload, options)), payload.job)
+        return self.encode_image(payload, options, self.config.image_size)
 
 
 class CnClipTextual(ClipTower):

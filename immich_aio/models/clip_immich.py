@@ -83,9 +83,9 @@ class Preprocess:
         size = cfg["size"][0] if isinstance(cfg["size"], list) else cfg["size"]
         return cls(int(size), np.asarray(cfg["mean"], np.float32), np.asarray(cfg["std"], np.float32))
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        """RGB uint8 HxWx3 -> float32 3xSxS: shorter side to S (bicubic), centre crop, scale, normalise."""
-        img = Image.fromarray(image)
+    def __call__(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """RGB image -> float32 3xSxS: shorter side to S (bicubic), centre crop, scale, normalise."""
+        img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
         w, h = img.size
         if w < h:
             img = img.resize((self.size, int(h / w * self.size)), Image.Resampling.BICUBIC)
@@ -118,11 +118,11 @@ class ImmichClipVisual(ClipTower):
         self.preprocess = Preprocess.read(self.files["preprocess"])
         self.open_session(self.files["model"], embed_dim(self.files["model"].parent.parent))
 
-    def prepare(self, image: np.ndarray) -> tuple[np.ndarray]:
+    def prepare(self, image: Image.Image | np.ndarray) -> tuple[np.ndarray]:
         return (self.preprocess(image),)
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> np.ndarray:
-        return self.encode(self.prepare(self.image_for(payload, options)), payload.job)
+        return self.encode_image(payload, options, self.preprocess.size)
 
 
 class ImmichClipTextual(ClipTower):

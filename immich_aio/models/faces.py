@@ -108,10 +108,19 @@ class FaceDetector(Model):
         self.input_name = self.session.get_inputs()[0].name
         self.centres = {s: anchor_centres(DET_SIZE, s, self.anchors) for s in self.strides}
 
-    def detect(self, image: np.ndarray, min_score: float, job: Job | None = None) -> dict[str, np.ndarray]:
+    @staticmethod
+    def prepare(image: np.ndarray) -> tuple[np.ndarray, float]:
+        """RGB image -> the detector's 1×3×640×640 input and the letterbox scale."""
         canvas, scale = letterbox(image)
-        blob = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
-        outs = self.run({self.input_name: blob}, job or Job())
+        return ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None], scale
+
+    def detect(self, image: np.ndarray, min_score: float, job: Job | None = None) -> dict[str, np.ndarray]:
+        blob, scale = self.prepare(image)
+        return self.find(blob, scale, min_score, job or Job())
+
+    def find(self, blob: np.ndarray, scale: float, min_score: float, job: Job) -> dict[str, np.ndarray]:
+        """Run the detector on a prepared input and decode its boxes, scores and landmarks."""
+        outs = self.run({self.input_name: blob}, job)
         outs = [o[0] if o.ndim == 3 else o for o in outs]  # tolerate a leading batch axis
         boxes, scores, points = [], [], []
         for level, stride in enumerate(self.strides):
@@ -135,8 +144,10 @@ class FaceDetector(Model):
         }
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, np.ndarray]:
-        assert payload.image is not None
-        return self.detect(payload.image, option_float(options, "minScore", 0.7, 0.0, 1.0), payload.job)
+        min_score = option_float(options, "minScore", 0.7, 0.0, 1.0)
+        blob, scale = self.prepare(payload.image)
+        payload.done_with_image()  # a detection-only request needs no more of it
+        return self.find(blob, scale, min_score, payload.job)
 
     def response(self, output: dict[str, np.ndarray], options: dict[str, Any]) -> dict[str, Any]:
         return {k: (v.round() if k == "boxes" else v).tolist() for k, v in output.items()}
@@ -193,14 +204,16 @@ class FaceRecognizer(Model):
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, np.ndarray]:
         """The detector's boxes and scores with one raw (un-normalised) embedding per face."""
-        assert payload.image is not None
         det = payload.outputs[(FACES, DETECTION)]
         if len(det["boxes"]) == 0:
             return {"boxes": det["boxes"], "scores": det["scores"], "embeddings": np.zeros((0, 512), np.float32)}
         if det["landmarks"].shape[1] != 5:
             raise ValueError("the detector gives no landmarks, so faces cannot be aligned for recognition")
         assert self.batcher is not None
-        crops = [align(payload.image, marks, self.size) for marks in det["landmarks"]]
+        image = payload.image
+        crops = [align(image, marks, self.size) for marks in det["landmarks"]]
+        del image
+        payload.done_with_image()  # the crops are all recognition needs: the photo is let go before the run
         embeddings = np.stack(self.batcher.map(crops, payload.job)).astype(np.float32)
         return {"boxes": det["boxes"], "scores": det["scores"], "embeddings": embeddings}
 

@@ -95,21 +95,23 @@ class OcrDetector(Model):
         self.input_name = self.session.get_inputs()[0].name
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, np.ndarray]:
-        assert payload.image is not None
         min_score = option_float(options, "minScore", 0.5, 0.0, 1.0)
         max_res = option_float(options, "maxResolution", 736, 1, 100_000)
         score_mode = options.get("scoreMode", "fast")
         if score_mode not in ("fast", "slow"):
             raise BadRequest(f"option 'scoreMode' must be 'fast' or 'slow', got {score_mode!r}")
-        height, width = payload.image.shape[:2]
+        assert payload.size is not None
+        height, width = payload.size
         empty = {"boxes": np.zeros((0, 4, 2), np.float32), "scores": np.zeros(0, np.float32)}
         if height < 32 or width < 32:
             return empty
         in_h, in_w = detector_input_size(height, width, int(max_res), self.max_side)
-        bgr = payload.bgr()
         interp = cv2.INTER_AREA if in_h < height else cv2.INTER_LINEAR
-        resized = cv2.resize(bgr, (in_w, in_h), interpolation=interp)
+        # PP-OCR reads BGR: the channels are swapped on the small resized image, which equals resizing a
+        # swapped copy of the whole photo (resizing treats channels independently) without making one.
+        resized = cv2.cvtColor(cv2.resize(payload.image, (in_w, in_h), interpolation=interp), cv2.COLOR_RGB2BGR)
         blob = ((resized.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]
+        payload.done_with_image()  # a detection-only request needs no more of it
         prob = self.run({self.input_name: blob}, payload.job)[0]
         post = self._post(
             thresh=0.3,
@@ -170,19 +172,22 @@ class OcrRecognizer(Model):
         return [(text, float(score)) for p in probs for text, score in self.decoder(p[None], False)[0]]
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, Any]:
-        assert payload.image is not None
         min_score = option_float(options, "minScore", 0.9, 0.0, 1.0)
         det = payload.outputs[(OCR, DETECTION)]
         boxes, box_scores = det["boxes"], det["scores"]
-        bgr = payload.bgr()
         crops, kept = [], []
-        for i, quad in enumerate(boxes):
-            crop = crop_quad(bgr, quad)
-            if crop is not None:
-                crops.append(crop)
-                kept.append(i)
+        if len(boxes):
+            image = payload.image
+            for i, quad in enumerate(boxes):
+                crop = crop_quad(image, quad)
+                if crop is not None:
+                    crops.append(cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))  # BGR, as PP-OCR reads
+                    kept.append(i)
+            del image
+        payload.done_with_image()  # the line crops are all recognition needs
         recognised = self.recognize(crops, payload.job) if crops else []
-        height, width = payload.image.shape[:2]
+        assert payload.size is not None
+        height, width = payload.size
         scale = np.array([width, height], dtype=np.float32)
         text, keep, text_score = [], [], []
         for i, (line, score) in zip(kept, recognised, strict=True):
