@@ -1,16 +1,24 @@
 """Benchmark immich-aio against the physical limit: the same ONNX models run directly by ONNX Runtime.
 
-    python scripts/bench.py                 # starts a server on 127.0.0.1, ~3 minutes
-    python scripts/bench.py --duration 600  # the 10-minute soak (RSS must stay flat)
+    python scripts/bench.py                       # starts a server on 127.0.0.1, ~7 minutes
+    python scripts/bench.py --duration 600        # the 10-minute run behind the README's table
     python scripts/bench.py --url http://127.0.0.1:3003 --store ./models --json
 
-Phases, all in one run:
- 1. raw ONNX Runtime throughput of each model on prepared tensors (all cores, no HTTP, no decode);
- 2. idle search latency (text queries, nothing else running);
- 3. each image task alone at 8 concurrent requests -> efficiency = server throughput / raw;
- 4. Immich's mix for --duration seconds: 2 CLIP-visual + 2 face + 1 OCR concurrent streams of
+Phases, all in one run, with the server's RSS sampled four times a second throughout:
+ 1. raw ONNX Runtime on prepared tensors (all cores, no HTTP, no decode): throughput, and the latency
+    of one image's runs;
+ 2. idle: the server with every model loaded and nothing to do;
+ 3. one request at a time per task: a request's latency, against raw ONNX Runtime's for the same image;
+ 4. idle search latency (text queries, nothing else running);
+ 5. each image task alone at 8 concurrent requests -> efficiency = server throughput / raw;
+ 6. Immich's mix for --duration seconds: 2 CLIP-visual + 2 face + 1 OCR concurrent streams of
     1440-px JPEG previews, plus a person searching every 2 s; per-task throughput, p50/p95/p99,
-    errors, and the server's RSS (peak, and first vs last quarter).
+    errors, and RSS (peak, and first vs last quarter);
+ 7. idle again after the mix: what the server gives back;
+ 8. raw ONNX Runtime again, the server stopped: every ratio divides by the mean of 1 and 8, because
+    this machine's speed drifts by 10 % and more within minutes (the drift is reported).
+With --reference FILE (default scripts/immich_ml_reference.json) the figures that file has for Immich ML
+are set beside ours as ratios (ours / Immich ML: below 1 is lighter or faster).
 Only 127.0.0.1 is targeted; every loop stops by itself at its deadline.
 Needs the test dependencies (`bash scripts/test.sh` installs them) to create stand-in models.
 """
@@ -42,6 +50,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 CLIP_NAME = "ViT-B-32__openai"
+OCR_NAME = "PP-OCRv5_mobile"  # Immich's default; --ocr-model picks another
 FACE_NAME = "buffalo_l"
 ENTRIES = {
     "clip": {"clip": {"visual": {"modelName": CLIP_NAME}}},
@@ -53,8 +62,8 @@ ENTRIES = {
     },
     "ocr": {
         "ocr": {
-            "detection": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.5, "maxResolution": 736}},
-            "recognition": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.8}},
+            "detection": {"modelName": OCR_NAME, "options": {"minScore": 0.5, "maxResolution": 736}},
+            "recognition": {"modelName": OCR_NAME, "options": {"minScore": 0.8}},
         }
     },
     "search": {"clip": {"textual": {"modelName": CLIP_NAME, "options": {"language": "zh-CN"}}}},
@@ -93,8 +102,9 @@ def percentile(values: list[float], q: float) -> float:
 # --- raw ONNX Runtime ---------------------------------------------------------------------------
 
 
-def raw_throughput(store: Path, images: list[bytes], seconds: float) -> dict[str, float]:
-    """Items per second of each task's models run directly by ONNX Runtime on prepared tensors."""
+def raw_throughput(store: Path, images: list[bytes], seconds: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Each task's models run directly by ONNX Runtime on prepared tensors: items per second, and the mean
+    milliseconds of one image's runs (one text's, for search)."""
     import onnxruntime as ort
 
     from immich_aio.config import Settings
@@ -119,11 +129,24 @@ def raw_throughput(store: Path, images: list[bytes], seconds: float) -> dict[str
             n += 1
         return n * items_per_call / (time.perf_counter() - start)
 
+    def one_at_a_time_ms(calls: list) -> float:
+        """Mean time of one call, cycling through the calls (one per image) for about `seconds`."""
+        calls[0]()
+        total, n, start = 0.0, 0, time.perf_counter()
+        while n < len(calls) or time.perf_counter() - start < seconds:
+            fn = calls[n % len(calls)]
+            t = time.perf_counter()
+            fn()
+            total += time.perf_counter() - t
+            n += 1
+        return 1000 * total / n
+
     settings = Settings.from_env({"MACHINE_LEARNING_CACHE_FOLDER": str(store)})
     factory = SessionFactory(settings)
     resolvers = build_resolvers(settings, ModelStore(store), factory)
     arrays = [decode_image(b, 10**9) for b in images]
     out: dict[str, float] = {}
+    single: dict[str, float] = {}
 
     visual = resolvers["clip"].resolve("visual", CLIP_NAME).build()
     visual.load()
@@ -131,6 +154,7 @@ def raw_throughput(store: Path, images: list[bytes], seconds: float) -> dict[str
     s = session(visual.files["model"])
     name = s.get_inputs()[0].name
     out["clip"] = max(rate(lambda: s.run(None, {name: x[:1]}), 1), rate(lambda: s.run(None, {name: x}), len(x)))
+    single["clip"] = one_at_a_time_ms([lambda i=i: s.run(None, {name: x[i : i + 1]}) for i in range(len(x))])
     visual.close()
 
     textual = resolvers["clip"].resolve("textual", CLIP_NAME).build()
@@ -138,6 +162,7 @@ def raw_throughput(store: Path, images: list[bytes], seconds: float) -> dict[str
     ids = textual.prepare(QUERIES[0])[0][None]
     s = session(textual.files["model"])
     out["search"] = rate(lambda: s.run(None, {s.get_inputs()[0].name: ids}), 1)
+    single["search"] = 1000 / out["search"]
     textual.close()
 
     # faces: detector on every image + recogniser on the faces found, per image
@@ -156,20 +181,26 @@ def raw_throughput(store: Path, images: list[bytes], seconds: float) -> dict[str
     sd, sr = session(det.files["model"]), session(rec.files["model"])
     dname, rname = sd.get_inputs()[0].name, sr.get_inputs()[0].name
 
+    def face_image(blob, c):
+        sd.run(None, {dname: blob})
+        if c is not None:
+            sr.run(None, {rname: ((c.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2)})
+
     def face_pass():
         for blob, c in zip(det_blobs, crops, strict=True):
-            sd.run(None, {dname: blob})
-            if c is not None:
-                sr.run(None, {rname: ((c.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2)})
+            face_image(blob, c)
 
     out["face"] = rate(face_pass, len(arrays))
+    single["face"] = one_at_a_time_ms(
+        [lambda b=b, c=c: face_image(b, c) for b, c in zip(det_blobs, crops, strict=True)]
+    )
     out["faces_per_image"] = sum(len(c) for c in crops if c is not None) / len(arrays)
     det.close()
     rec.close()
 
     # OCR: detector at its input size + recogniser on each image's lines
-    odet = resolvers["ocr"].resolve("detection", "PP-OCRv5_mobile").build()
-    orec = resolvers["ocr"].resolve("recognition", "PP-OCRv5_mobile").build()
+    odet = resolvers["ocr"].resolve("detection", ENTRIES["ocr"]["ocr"]["detection"]["modelName"]).build()
+    orec = resolvers["ocr"].resolve("recognition", ENTRIES["ocr"]["ocr"]["recognition"]["modelName"]).build()
     odet.load()
     orec.load()
     from immich_aio.models.ocr import crop_quad, detector_input_size
@@ -179,24 +210,28 @@ def raw_throughput(store: Path, images: list[bytes], seconds: float) -> dict[str
         h, w = detector_input_size(*a.shape[:2], 736, 2560)
         import cv2
 
-        bgr = Payload(job=Job(), image=a).bgr()
+        bgr = cv2.cvtColor(a, cv2.COLOR_RGB2BGR)
         blob = ((cv2.resize(bgr, (w, h)).astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None]
-        found = odet.predict(Payload(job=Job(), image=a), {"minScore": 0.5, "maxResolution": 736})
+        found = odet.predict(Payload(Job(), image=a), {"minScore": 0.5, "maxResolution": 736})
         lines = [orec.prepare_line(c) for q in found["boxes"] if (c := crop_quad(bgr, q)) is not None]
         jobs.append((blob, lines))
     so, sl = session(odet.files["model"]), session(orec.files["model"])
 
+    def ocr_image(blob, lines):
+        so.run(None, {"x": blob})
+        for width in sorted({ln.shape[2] for ln in lines}):
+            group = [ln for ln in lines if ln.shape[2] == width]
+            sl.run(None, {"x": np.stack(group)})
+
     def ocr_pass():
         for blob, lines in jobs:
-            so.run(None, {"x": blob})
-            for width in sorted({ln.shape[2] for ln in lines}):
-                group = [ln for ln in lines if ln.shape[2] == width]
-                sl.run(None, {"x": np.stack(group)})
+            ocr_image(blob, lines)
 
     out["ocr"] = rate(ocr_pass, len(arrays))
+    single["ocr"] = one_at_a_time_ms([lambda b=b, ln=ln: ocr_image(b, ln) for b, ln in jobs])
     odet.close()
     orec.close()
-    return out
+    return out, single
 
 
 # --- server and load ----------------------------------------------------------------------------
@@ -208,8 +243,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def allocator_in(pid: int | None) -> str:
+    """The malloc the server runs on, from the libraries mapped into it."""
+    if pid is None:
+        return "unknown (--url)"
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    for lib in ("mimalloc", "jemalloc", "tcmalloc"):
+        if f"lib{lib}" in maps:
+            return lib
+    return "glibc"
+
+
 @contextmanager
-def server(store: Path, url: str | None):
+def server(store: Path, url: str | None, extra_env: dict[str, str] | None = None):
     if url:
         yield url.rstrip("/"), None
         return
@@ -222,6 +268,7 @@ def server(store: Path, url: str | None):
         IMMICH_LOG_LEVEL="warn",
         MACHINE_LEARNING_MODEL_TTL="0",
     )
+    env.update(extra_env or {})
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen([sys.executable, "-m", "immich_aio"], cwd=ROOT, env=env, stdout=log, stderr=log)
         yield from _serve(proc, log, f"http://127.0.0.1:{port}")
@@ -253,6 +300,39 @@ def rss_mb(pid: int | None) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class RssMonitor:
+    """Samples a process's RSS four times a second, filed under the phase running at the time."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.phase = "start"
+        self.samples: dict[str, list[float]] = defaultdict(list)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> RssMonitor:
+        if self.pid is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.25):
+            try:
+                self.samples[self.phase].append(rss_mb(self.pid))
+            except OSError:  # the server has exited
+                return
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {
+            phase: {"peak": max(v), "mean": statistics.mean(v), "last": v[-1]} for phase, v in self.samples.items() if v
+        }
 
 
 class Load:
@@ -312,6 +392,10 @@ class Load:
         self.seconds = seconds
         return samples
 
+    def mean_ms(self, task: str) -> float:
+        lat = self.latency[task]
+        return 1000 * statistics.mean(lat) if lat else float("nan")
+
     def summary(self, task: str) -> dict[str, float]:
         lat = self.latency[task]
         return {
@@ -332,10 +416,28 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=60, help="seconds of the mixed phase")
     ap.add_argument("--solo", type=float, default=20, help="seconds of each single-task phase")
     ap.add_argument("--raw", type=float, default=5, help="seconds per raw ONNX Runtime measurement")
+    ap.add_argument("--single", type=float, default=15, help="seconds of one-at-a-time requests per task")
+    ap.add_argument("--idle", type=float, default=10, help="seconds of each idle phase")
+    ap.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set for the server only, e.g. LD_PRELOAD=... or IMMICH_AIO_DECODE_BUDGET_MP=8 (repeatable)",
+    )
+    ap.add_argument(
+        "--reference",
+        type=Path,
+        default=ROOT / "scripts" / "immich_ml_reference.json",
+        help="figures of another server (Immich ML) to set ours beside",
+    )
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--ocr-model", default=OCR_NAME, help="the OCR name requested (default: Immich's default)")
     args = ap.parse_args()
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
         ap.error("--url must be a server on this machine (127.0.0.1 / localhost)")
+    for type_ in ("detection", "recognition"):
+        ENTRIES["ocr"]["ocr"][type_]["modelName"] = args.ocr_model
     store = args.store or args.work_dir / "models"
     made = {}
     if args.store is None:
@@ -345,52 +447,127 @@ def main() -> int:
     images = previews()
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
-    say("1/4 raw ONNX Runtime throughput")
-    raw = raw_throughput(store, images, args.raw)
+    say("1/8 raw ONNX Runtime: throughput and one image's runs")
+    raw_before, single_before = raw_throughput(store, images, args.raw)
     models = (
         f"--store {store}" if args.store else f"stand-ins in {store} ({', '.join(made.values()) or 'already there'})"
     )
-    results: dict[str, object] = {"cores": os.cpu_count(), "models": models, "raw_per_s": raw}
-    with server(store, args.url) as (base, pid):
+    results: dict[str, object] = {
+        "cores": os.cpu_count(),
+        "models": models,
+        "ocr_model": args.ocr_model,
+    }
+    extra_env = dict(kv.split("=", 1) for kv in args.server_env)
+    with server(store, args.url, extra_env) as (base, pid), RssMonitor(pid) as rss:
+        time.sleep(2)
+        rss.phase = "started"
+        time.sleep(2)
+        rss.phase = "warm-up"
         warm = Load(base, images)
         warm.run([("clip", 0), ("face", 0), ("ocr", 0), ("search", 0)], 1)  # load every model once
-        say("2/4 idle search latency")
+        say("2/8 idle, every model loaded")
+        rss.phase = "idle"
+        time.sleep(args.idle)
+        single = {}
+        for task in ("clip", "face", "ocr", "search"):
+            say(f"3/8 {task}: one request at a time")
+            rss.phase = "one at a time"
+            load = Load(base, images)
+            load.run([(task, 0)], args.single)
+            single[task] = load.summary(task) | {"mean_ms": load.mean_ms(task)}
+        say("4/8 idle search latency")
+        rss.phase = "idle search"
         idle = Load(base, images)
         idle.run([("search", 0.2)], 8)
         results["search_idle"] = idle.summary("search")
         solo = {}
         for task in ("clip", "face", "ocr"):
-            say(f"3/4 {task} alone, 8 concurrent requests")
+            say(f"5/8 {task} alone, 8 concurrent requests")
+            rss.phase = "alone, 8 concurrent"
             load = Load(base, images)
             load.run([(task, 0)] * 8, args.solo)
-            solo[task] = load.summary(task) | {"efficiency": load.summary(task)["throughput"] / raw[task]}
-        results["solo_8_concurrent"] = solo
-        say(f"4/4 Immich mix for {args.duration:.0f} s")
+            solo[task] = load.summary(task)
+        say(f"6/8 Immich mix for {args.duration:.0f} s")
+        rss.phase = "mix"
         mix = Load(base, images)
-        rss = mix.run(
-            [("clip", 0), ("clip", 0), ("face", 0), ("face", 0), ("ocr", 0), ("search", 2.0)], args.duration, pid
-        )
-        quarter = max(1, len(rss) // 4)
+        mix.run([("clip", 0), ("clip", 0), ("face", 0), ("face", 0), ("ocr", 0), ("search", 2.0)], args.duration)
+        results["allocator"] = allocator_in(pid)
+        say("7/8 idle after the mix")
+        rss.phase = "idle after"
+        time.sleep(args.idle)
+        mix_rss = rss.samples.get("mix", [])
+        quarter = max(1, len(mix_rss) // 4)
         tasks = {t: mix.summary(t) for t in ("clip", "face", "ocr", "search")}
-        for t in ("clip", "face", "ocr"):
-            tasks[t]["share_of_raw"] = tasks[t]["throughput"] / raw[t]
-        results["mix"] = tasks
-        results["mix_machine_use"] = sum(tasks[t]["share_of_raw"] for t in ("clip", "face", "ocr"))
-        results["search_p95_ratio_loaded_vs_idle"] = tasks["search"]["p95_ms"] / results["search_idle"]["p95_ms"]
         results["rss_mb"] = (
             {
-                "peak": max(rss),
-                "first_quarter": statistics.mean(rss[:quarter]),
-                "last_quarter": statistics.mean(rss[-quarter:]),
+                "phases": rss.summary(),
+                "peak": max(mix_rss),
+                "first_quarter": statistics.mean(mix_rss[:quarter]),
+                "last_quarter": statistics.mean(mix_rss[-quarter:]),
             }
-            if pid
+            if pid and mix_rss
             else None
         )
+    # Raw ONNX Runtime again, the server stopped: this machine's speed drifts by 10 % and more over minutes,
+    # so the ratios below divide by the mean of the measurements before and after the server's phases.
+    say("8/8 raw ONNX Runtime again")
+    raw_after, single_after = raw_throughput(store, images, args.raw)
+    raw = {k: (raw_before[k] + raw_after[k]) / 2 for k in raw_before}
+    raw_single = {k: (single_before[k] + single_after[k]) / 2 for k in single_before}
+    results["raw_per_s"] = raw
+    results["raw_one_image_ms"] = raw_single
+    results["raw_drift"] = {k: raw_after[k] / raw_before[k] for k in ("clip", "face", "ocr", "search")}
+    for task, s in single.items():
+        s["raw_ms"] = raw_single[task]
+        s["raw_share"] = raw_single[task] / s["mean_ms"]
+    results["one_at_a_time"] = single
+    for task, s in solo.items():
+        s["efficiency"] = s["throughput"] / raw[task]
+    results["solo_8_concurrent"] = solo
+    for t in ("clip", "face", "ocr"):
+        tasks[t]["share_of_raw"] = tasks[t]["throughput"] / raw[t]
+    results["mix"] = tasks
+    results["mix_machine_use"] = sum(tasks[t]["share_of_raw"] for t in ("clip", "face", "ocr"))
+    results["search_p95_ratio_loaded_vs_idle"] = tasks["search"]["p95_ms"] / results["search_idle"]["p95_ms"]
+    if args.reference and args.reference.is_file():
+        results["vs_reference"] = against(results, json.loads(args.reference.read_text()))
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print_table(results)
     return 0
+
+
+def ours(r: dict) -> dict[str, float]:
+    """Our figures under the reference file's keys."""
+    phases = r["rss_mb"]["phases"] if r.get("rss_mb") else {}
+    out = {
+        "one_at_a_time_ms.clip": r["one_at_a_time"]["clip"]["mean_ms"],
+        "one_at_a_time_ms.face": r["one_at_a_time"]["face"]["mean_ms"],
+        "one_at_a_time_ms.ocr": r["one_at_a_time"]["ocr"]["mean_ms"],
+        "one_at_a_time_ms.search": r["one_at_a_time"]["search"]["mean_ms"],
+        "alone_8_p95_ms.clip": r["solo_8_concurrent"]["clip"]["p95_ms"],
+        "alone_8_p95_ms.face": r["solo_8_concurrent"]["face"]["p95_ms"],
+        "alone_8_p95_ms.ocr": r["solo_8_concurrent"]["ocr"]["p95_ms"],
+        "mix_search_p95_ms": r["mix"]["search"]["p95_ms"],
+    }
+    if phases:
+        # idle: the larger of before and after the mix; peaks: every phase with work
+        out["idle_rss_mb"] = max(phases[p]["mean"] for p in ("idle", "idle after") if p in phases)
+        out["mix_peak_rss_mb"] = phases["mix"]["peak"]
+        quiet = {"started", "idle", "idle after"}
+        out["busy_peak_rss_mb"] = max(v["peak"] for p, v in phases.items() if p not in quiet)
+    return out
+
+
+def against(r: dict, reference: dict) -> dict[str, dict[str, float]]:
+    """ours / theirs for every figure the reference has (below 1: lighter or faster)."""
+    mine = ours(r)
+    out = {}
+    for key, theirs in reference["figures"].items():
+        if key in mine and theirs:
+            out[key] = {"ours": mine[key], "theirs": theirs, "ratio": mine[key] / theirs}
+    return out
 
 
 def print_table(r: dict) -> None:
@@ -400,6 +577,16 @@ def print_table(r: dict) -> None:
         f"raw ONNX Runtime: CLIP visual {raw['clip']:.2f}/s, search {raw['search']:.1f}/s, "
         f"faces {raw['face']:.2f} images/s ({raw['faces_per_image']:.1f} faces/image), OCR {raw['ocr']:.2f}/s\n"
     )
+    print(f"server allocator: {r.get('allocator', '?')}\n")
+    drift = r.get("raw_drift", {})
+    if drift:
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in drift.items())
+        print(f"raw ONNX Runtime after / before the server's phases: {shown}")
+    print("| one request at a time | server mean ms | p95 ms | raw ONNX Runtime ms | raw / server |")
+    print("|---|---|---|---|---|")
+    for t, s in r["one_at_a_time"].items():
+        print(f"| {t} | {s['mean_ms']:.0f} | {s['p95_ms']:.0f} | {s['raw_ms']:.0f} | {s['raw_share']:.2f} |")
+    print()
     print("| phase | task | throughput/s | p50 ms | p95 ms | p99 ms | errors | efficiency |")
     print("|---|---|---|---|---|---|---|---|")
     s = r["search_idle"]
@@ -425,9 +612,16 @@ def print_table(r: dict) -> None:
     if r["rss_mb"]:
         m = r["rss_mb"]
         print(
-            f"server RSS: peak {m['peak']:.0f} MB, first quarter {m['first_quarter']:.0f} MB, "
+            f"server RSS in the mix: peak {m['peak']:.0f} MB, first quarter {m['first_quarter']:.0f} MB, "
             f"last quarter {m['last_quarter']:.0f} MB"
         )
+        print("\n| phase | RSS mean MB | RSS peak MB |\n|---|---|---|")
+        for phase, v in m["phases"].items():
+            print(f"| {phase} | {v['mean']:.0f} | {v['peak']:.0f} |")
+    if r.get("vs_reference"):
+        print("\n| figure | ours | reference | ours / reference |\n|---|---|---|---|")
+        for key, v in r["vs_reference"].items():
+            print(f"| {key} | {v['ours']:.0f} | {v['theirs']:.0f} | {v['ratio']:.2f} |")
 
 
 if __name__ == "__main__":

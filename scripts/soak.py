@@ -3,6 +3,7 @@
     python scripts/soak.py                     # 30 minutes on 127.0.0.1 with stand-in models
     python scripts/soak.py --duration 3600 --json
     python scripts/soak.py --url http://127.0.0.1:3003 --store ./models
+    IMMICH_AIO_ALLOCATOR=jemalloc python scripts/soak.py   # the server inherits the environment
 
 Streams, all at once, each stopping by itself at the deadline:
 - Immich's mix: 2 CLIP-visual + 2 face + 1 OCR streams of 1440-px JPEG previews, a search every 2 s;
@@ -166,7 +167,8 @@ def main() -> int:
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     with bench.server(store, args.url) as (base, pid):
         bench.Load(base, images).run([("clip", 0), ("face", 0), ("ocr", 0), ("search", 0)], 1)  # load every model
-        say(f"soaking {base} for {args.duration:.0f} s (pid {pid})")
+        allocator = bench.allocator_in(pid)
+        say(f"soaking {base} for {args.duration:.0f} s (pid {pid}, {allocator} malloc)")
         start = time.monotonic()
         deadline = start + args.duration
         mix = bench.Load(base, images)
@@ -198,6 +200,7 @@ def main() -> int:
     result = {
         "duration_s": args.duration,
         "warmup_s": args.warmup,
+        "allocator": allocator,
         "rss_mb": {
             "at_warmup_end": steady[0][1] if steady else float("nan"),
             "first_5_min_after_warmup": statistics.mean(m for _, m in steady[:window]) if steady else float("nan"),
@@ -226,7 +229,10 @@ def main() -> int:
 def print_report(r: dict) -> None:
     m = r["rss_mb"]
     minutes, warm = r["duration_s"] / 60, r["warmup_s"] / 60
-    print(f"\nsoak: {minutes:.0f} minutes, RSS trend measured after a {warm:.0f}-minute warm-up")
+    print(
+        f"\nsoak: {minutes:.0f} minutes on {r['allocator']} malloc, "
+        f"RSS trend measured after a {warm:.0f}-minute warm-up"
+    )
     print(
         f"RSS: {m['first_5_min_after_warmup']:.0f} MB just after warm-up, {m['last_5_min']:.0f} MB in the last "
         f"5 minutes, peak {m['peak']:.0f} MB, trend {m['slope_mb_per_hour']:+.1f} MB/hour"
