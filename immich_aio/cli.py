@@ -26,6 +26,14 @@ def serve(restart_argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if library is not None and memory.active() != allocator:
+        logging.getLogger("immich_aio.memory").warning(
+            "Running on %s malloc, not %s: %s could not be preloaded (IMMICH_AIO_ALLOCATOR=%s)",
+            memory.active(),
+            allocator,
+            library,
+            settings.allocator,
+        )
     try:
         import onnxruntime  # noqa: F401
     except ImportError:

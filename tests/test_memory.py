@@ -53,7 +53,8 @@ def test_the_server_starts_itself_again_on_jemalloc(store):
         assert served(url) == "jemalloc"
         maps = Path(f"/proc/{proc.pid}/maps").read_text()  # same process: exec keeps the pid Docker watches
         assert str(JEMALLOC) in maps
-        assert "memory allocator jemalloc" in _log_so_far(proc, url)
+        log = _log_so_far(proc, url)
+        assert "memory allocator jemalloc" in log and "could not be preloaded" not in log
 
 
 def test_a_library_the_loader_refuses_is_tried_once_then_glibc(store, tmp_path):
@@ -63,6 +64,7 @@ def test_a_library_the_loader_refuses_is_tried_once_then_glibc(store, tmp_path):
         assert served(url) == "glibc"
         log = _log_so_far(proc, url)
     assert log.count("memory allocator glibc") == 1  # one start after the one retry, no loop
+    assert "Running on glibc malloc, not jemalloc" in log  # the operator learns the choice did not take
 
 
 def test_an_allocator_the_user_preloaded_stands(store):
