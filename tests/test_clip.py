@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cnclip_ref import TINY_CONFIG, import_cn_clip, install_tiny, tiny_model, vocab_path
-from conftest import FIXTURES, encode, predict, settings_for, temp_settings
+from conftest import FIXTURES, OCR_ENTRIES, encode, predict, settings_for, temp_settings
 from fakehub import FakeHub
 from PIL import Image
 from starlette.testclient import TestClient
@@ -21,6 +22,7 @@ from immich_aio.download import clip as clip_download
 from immich_aio.download import clip_export
 from immich_aio.download.cli import main as models_main
 from immich_aio.download.install import verify_manifest
+from immich_aio.models import clip as clip_model
 from immich_aio.models.clip import make_tokenizer
 from immich_aio.store import ModelStore, sha256_file
 
@@ -174,6 +176,40 @@ def test_visual_embeddings_match_torch(served, model):
         assert (body["imageHeight"], body["imageWidth"]) == rgb.shape[:2]
         cos = float(got @ torch_image(model, rgb))
         assert cos >= 0.9999, (name, cos)
+
+
+def test_reduced_jpeg_decoding_is_an_option_and_only_for_clip_only_requests(tmp_path, model, monkeypatch):
+    """IMMICH_AIO_CLIP_REDUCED_DECODE: off, CLIP sees the full decode; on, a CLIP-only request's JPEG is decoded
+    at a DCT scale that keeps twice the model's side; a request that also needs the photo whole decodes it whole."""
+    photo = next(iter(photos().values()))
+    data = encode(np.asarray(Image.fromarray(photo).resize((1600, 1200), Image.Resampling.BICUBIC)), quality=90)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    drafted = Image.open(io.BytesIO(data))
+    drafted.draft("RGB", (2 * SIZE, 2 * SIZE))
+    reduced = np.asarray(drafted.convert("RGB"))
+    assert min(reduced.shape[:2]) >= 2 * SIZE and reduced.shape[0] < full.shape[0]
+    seen: list[tuple[int, int]] = []
+    real = clip_model.preprocess_image
+
+    def spy(image, size):
+        seen.append(image.size if isinstance(image, Image.Image) else image.shape[1::-1])
+        return real(image, size)
+
+    monkeypatch.setattr(clip_model, "preprocess_image", spy)
+    store = tmp_path / "models"
+    install_tiny(ModelStore(store), model)
+    both = {**clip_entries("visual"), **OCR_ENTRIES}
+    for env, expected in (({}, full), ({"IMMICH_AIO_CLIP_REDUCED_DECODE": "true"}, reduced)):
+        with TestClient(create_app(settings_for(store, **env))) as client:
+            seen.clear()
+            body = predict(client, clip_entries("visual"), image=data).json()
+            assert seen == [expected.shape[1::-1]], env
+            assert (body["imageHeight"], body["imageWidth"]) == (1200, 1600)  # the size as sent, either way
+            assert float(vec(body) @ torch_image(model, expected)) >= 0.9999
+            seen.clear()
+            body = predict(client, both, image=data).json()
+            assert seen == [(1600, 1200)] and "text" in body["ocr"], env  # OCR needs it whole: decoded whole
+            assert float(vec(body) @ torch_image(model, full)) >= 0.9999
 
 
 def test_text_embeddings_match_torch(served, model):

@@ -209,6 +209,26 @@ def test_decoded_images_alive_at_once_stay_within_the_budget(make_client, monkey
     assert peak[0] == 1  # 16 request threads used to decode everything queued at once
 
 
+def test_a_request_lets_its_pixels_go_before_it_waits_for_its_recognition_run(make_client, monkeypatch):
+    """Issue 13: the line crops are all recognition needs, so the photo and its budget are let go before the run."""
+    from immich_aio.models import ocr
+
+    client = make_client()
+    budget = client.app.state.runtime.budget
+    held: list[int] = []
+    real = ocr.OcrRecognizer.recognize
+
+    def recognize(self, crops, job):
+        held.append(budget.used)
+        return real(self, crops, job)
+
+    monkeypatch.setattr(ocr.OcrRecognizer, "recognize", recognize)
+    r = predict(client, OCR_ENTRIES, image=(FIXTURES / "ocr" / "sign.jpg").read_bytes())
+    assert r.status_code == 200 and r.json()["ocr"]["text"], r.text
+    assert held == [0]
+    assert budget.used == 0
+
+
 def test_the_decode_budget_follows_the_concurrent_runs(make_client):
     """Issue 13: decoded pixels for about three previews per run (one running, two ready), unless set."""
     for runs, expected in (("1", 8.0), ("3", 24.0)):
