@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from immich_aio import memory
 from immich_aio.errors import BadRequest
 from immich_aio.store import clean_name
 
@@ -125,7 +126,7 @@ def _parse_allocator(env: _Env) -> str:
     raw = env.raw("IMMICH_AIO_ALLOCATOR")
     if raw is not None and raw.startswith("/"):
         return raw
-    return env.choice("IMMICH_AIO_ALLOCATOR", "auto", ("auto", "jemalloc", "mimalloc", "glibc"))
+    return env.choice("IMMICH_AIO_ALLOCATOR", "auto", memory.CHOICES)
 
 
 def _parse_api_key(env: _Env) -> str | None:

@@ -34,10 +34,15 @@ def is_fork_request(data: dict[str, Any]) -> bool:
     return isinstance(ocr, dict) and RECOGNITION in ocr and DETECTION not in ocr
 
 
+def ocr_entries(model: str) -> list[Entry]:
+    """Detection then recognition with mt-photos-ai's thresholds: the fork's request and MT Photos' /ocr."""
+    return [Entry(OCR, t, model, dict(OPTIONS[t])) for t in (DETECTION, RECOGNITION)]
+
+
 def entries(data: dict[str, Any], model: str) -> list[Entry]:
     if set(data) != {OCR} or set(data[OCR]) != {RECOGNITION}:
         raise BadRequest("the OCR fork's request (an 'ocr' task with 'recognition' only) must be sent on its own")
-    return [Entry(OCR, t, model, dict(OPTIONS[t])) for t in (DETECTION, RECOGNITION)]
+    return ocr_entries(model)
 
 
 def boxes(quads: np.ndarray) -> list[tuple[float, float, float, float]]:

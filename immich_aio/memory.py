@@ -70,17 +70,22 @@ def find_library(name: str) -> Path | None:
     return None
 
 
-@functools.cache
-def active() -> str:
-    """The allocator this process runs on, from the libraries mapped into it (fixed once it has started)."""
+def allocator_in(pid: int | str = "self") -> str:
+    """The allocator a process runs on, from the libraries mapped into it (the benchmark asks about the server)."""
     try:
-        maps = Path("/proc/self/maps").read_text()
+        maps = Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return "unknown"
-    for name in LIBRARIES:
+    for name in (*LIBRARIES, "tcmalloc"):
         if f"lib{name}" in maps:
             return name
     return "glibc" if sys.platform.startswith("linux") else "system"
+
+
+@functools.cache
+def active() -> str:
+    """The allocator this process runs on (fixed once it has started)."""
+    return allocator_in()
 
 
 def wanted(choice: str) -> tuple[str, Path | None]:

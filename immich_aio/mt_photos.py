@@ -39,8 +39,8 @@ from immich_aio.errors import (
     Unauthorized,
     UndecodableImage,
 )
-from immich_aio.fork_ocr import OPTIONS
 from immich_aio.fork_ocr import boxes as line_boxes
+from immich_aio.fork_ocr import ocr_entries
 from immich_aio.http_form import FIELD_SLACK, read_form
 from immich_aio.imaging import probe
 from immich_aio.protocol import CLIP, DETECTION, FACES, OCR, RECOGNITION, TEXTUAL, VISUAL, Entry
@@ -52,10 +52,13 @@ MAX_SIDE = 10_000  # the official service refuses larger images (as a soft failu
 HELP = "https://mtmt.tech/docs/advanced/ocr_api"
 
 
+def _invalid(reason: str, kind: str, loc: list[str], msg: str) -> InvalidEntries:
+    """A 422 with FastAPI's validation body, as MT Photos' official service (a FastAPI app) answers it."""
+    return InvalidEntries(reason, body={"detail": [{"type": kind, "loc": loc, "msg": msg, "input": None}]})
+
+
 def _missing(where: str, name: str) -> InvalidEntries:
-    """FastAPI's 422 for a missing field, which MT Photos' official service sends."""
-    body = {"detail": [{"type": "missing", "loc": [where, name], "msg": "Field required", "input": None}]}
-    return InvalidEntries(f"{where} field {name!r} is required", body=body)
+    return _invalid(f"{where} field {name!r} is required", "missing", [where, name], "Field required")
 
 
 def _guard(request: Request) -> None:
@@ -120,7 +123,7 @@ async def check(request: Request) -> Response:
 
 async def ocr(request: Request) -> Response:
     model = _runtime(request).settings.mt_ocr_model
-    entries = [Entry(OCR, t, model, dict(OPTIONS[t])) for t in (DETECTION, RECOGNITION)]
+    entries = ocr_entries(model)
 
     async def work(call: Call) -> Response:
         call.task = OCR
@@ -179,52 +182,27 @@ async def _json_text(request: Request, rt: Runtime) -> str:
     """`{"text": ...}` from a JSON body (Content-Type JSON or none), bounded like every upload."""
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type != "application/json":
-        raise InvalidEntries(
+        raise _invalid(
             f"/clip/txt expects a JSON body, got content type {content_type!r}",
-            body={
-                "detail": [
-                    {
-                        "type": "model_attributes_type",
-                        "loc": ["body"],
-                        "msg": "Input should be a valid JSON object",
-                        "input": None,
-                    }
-                ]
-            },
+            "model_attributes_type",
+            ["body"],
+            "Input should be a valid JSON object",
         )
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > FIELD_SLACK:
-            raise InvalidEntries(
-                "/clip/txt body over 1 MB",
-                body={"detail": [{"type": "too_long", "loc": ["body"], "msg": "Body too large", "input": None}]},
-            )
+            raise _invalid("/clip/txt body over 1 MB", "too_long", ["body"], "Body too large")
     try:
         data = json.loads(raw) if raw else None
     except ValueError:
         data = None
     if not isinstance(data, dict):
-        raise InvalidEntries(
-            "/clip/txt body is not a JSON object",
-            body={"detail": [{"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": None}]},
-        )
+        raise _invalid("/clip/txt body is not a JSON object", "json_invalid", ["body"], "JSON decode error")
     if "text" not in data:
         raise _missing("body", "text")
     if not isinstance(data["text"], str):
-        raise InvalidEntries(
-            "'text' must be a string",
-            body={
-                "detail": [
-                    {
-                        "type": "string_type",
-                        "loc": ["body", "text"],
-                        "msg": "Input should be a valid string",
-                        "input": None,
-                    }
-                ]
-            },
-        )
+        raise _invalid("'text' must be a string", "string_type", ["body", "text"], "Input should be a valid string")
     return data["text"]
 
 

@@ -245,13 +245,9 @@ def free_port() -> int:
 
 def allocator_in(pid: int | None) -> str:
     """The malloc the server runs on, from the libraries mapped into it."""
-    if pid is None:
-        return "unknown (--url)"
-    maps = Path(f"/proc/{pid}/maps").read_text()
-    for lib in ("mimalloc", "jemalloc", "tcmalloc"):
-        if f"lib{lib}" in maps:
-            return lib
-    return "glibc"
+    from immich_aio import memory
+
+    return "unknown (--url)" if pid is None else memory.allocator_in(pid)
 
 
 @contextmanager
