@@ -6,8 +6,9 @@ once has to be faulted in again on the next request (measured: an OCR request 12
 kept shows up as RSS. The policy here is to keep it while the server works and give it all back
 when it falls idle, after a model loads and when one unloads (`trim`).
 
-jemalloc does this best (README, "Memory"): told never to purge on its own (`MALLOC_CONF`), it reuses
-its pages while busy, holds less than glibc's fragmented heaps, and purges everything on request.
+jemalloc does this best (README, "Memory and runtime settings"): told never to purge on its own
+(`MALLOC_CONF`), it reuses its pages while busy, holds less than glibc's fragmented heaps, and purges
+everything on request.
 So `immich-aio` runs on it wherever the library is installed: it starts itself again with jemalloc
 preloaded (`LD_PRELOAD` only takes effect when a process starts). `IMMICH_AIO_ALLOCATOR` picks
 mimalloc or glibc instead; on glibc the arenas are capped and `malloc_trim` gives memory back.

@@ -154,7 +154,7 @@ class Runtime:
         f = self.factory
         allocator = memory.active()
         hint = (
-            " (install libjemalloc2 for a smaller footprint: README, Memory)"
+            " (install libjemalloc2 for a smaller footprint: README, 'Memory and runtime settings')"
             if allocator == "glibc" and self.settings.allocator == "auto"
             else ""
         )
