@@ -27,9 +27,10 @@ from immich_aio.access_log import AccessLog
 from immich_aio.config import Settings
 from immich_aio.errors import BadRequest, ClientGone, PredictError
 from immich_aio.http_form import ReadLimits, read_form, read_small_field
+from immich_aio.imaging import ImageSource
 from immich_aio.jobs import Job
 from immich_aio.metrics import endpoint_label, task_label, type_label
-from immich_aio.protocol import OCR, RECOGNITION, check_payload, decode_entries, dumps, entries_from
+from immich_aio.protocol import OCR, RECOGNITION, Entry, check_payload, decode_entries, dumps, entries_from
 from immich_aio.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,21 @@ async def _client_left(request: Request) -> None:
 async def run_job(request: Request, job: Job, fn: Callable[..., T], *args: Any) -> T:
     """Run `fn(*args)` on a worker; if the client leaves first, drop the job's queued work and raise ClientGone."""
     rt: Runtime = request.app.state.runtime
-    work = asyncio.ensure_future(rt.run(fn, *args, interactive=job.interactive))
+    return await _unless_client_leaves(request, job, rt.run(fn, *args, interactive=job.interactive))
+
+
+async def run_pipeline(
+    request: Request, job: Job, entries: list[Entry], image: ImageSource | None, text: str | None
+) -> pipeline.Result:
+    """The entries run on a worker, once their models are in the store (fetched on first use while waiting here,
+    on the event loop: a request waiting for a download holds no worker thread)."""
+    rt: Runtime = request.app.state.runtime
+    await _unless_client_leaves(request, job, rt.fetch_missing(entries, job))
+    return await run_job(request, job, pipeline.run, rt.engine, job, entries, image, text)
+
+
+async def _unless_client_leaves(request: Request, job: Job, awaitable: Awaitable[T]) -> T:
+    work = asyncio.ensure_future(awaitable)
     gone = asyncio.ensure_future(_client_left(request))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -182,7 +197,7 @@ async def predict(request: Request) -> Response:
                 raise BadRequest("'image' must be a file part (the raw image bytes), not a text field")
             check_payload(entries, image is not None, text is not None)
             job.interactive = all(e.needs_text for e in entries)  # a search: the interactive lane
-            result = await run_job(request, job, pipeline.run, rt.engine, job, entries, image, text)
+            result = await run_pipeline(request, job, entries, image, text)
             call.served = result.served
         if fork:
             return json_response(fork_ocr.answer(result.outputs[(OCR, RECOGNITION)], result.size))

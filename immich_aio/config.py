@@ -157,6 +157,14 @@ def _mt_clip_model(env: _Env) -> str:
     return "ViT-B-32__openai"  # what answers Immich by default
 
 
+def _parse_revision(env: _Env) -> str:
+    """Immich 3.3's model revision: `main` (the exports every earlier release used) or e.g. `v2`, a folder level."""
+    raw = env.raw("MACHINE_LEARNING_MODEL_REVISION") or "main"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", raw) or ".." in raw:
+        raise ConfigError(f"MACHINE_LEARNING_MODEL_REVISION must be a revision name such as main or v2, got {raw!r}")
+    return raw
+
+
 def _parse_host(env: _Env) -> str:
     host = env.raw("IMMICH_HOST") or "[::]"
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -218,7 +226,7 @@ class Settings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     max_connections: int = 1000
-    max_queued: int = 128
+    max_queued: int = 0  # 0: admitted by what the machine can hold (admission.py), not by a count
     shutdown_grace_s: float = 8.0
     mt_api_key: str | None = field(default=None, repr=False)  # the MT Photos API is off without it
     mt_clip_model: str = "ViT-B-32__openai"
@@ -228,6 +236,13 @@ class Settings:
     mt_ocr_model: str = "PP-OCRv6_small"
     clip_reduced_decode: bool = False
     allocator: str = "auto"  # auto | jemalloc | mimalloc | glibc
+    memory_reserve_bytes: int = 256 * 1024 * 1024  # admission: memory always left free
+    disk_reserve_bytes: int = 256 * 1024 * 1024  # admission: spool disk always left free
+    auto_fetch: bool = True  # missing models are downloaded on first use (off with HF_HUB_OFFLINE=1 too)
+    auto_fetch_clip: str = "chinese"  # chinese | immich: what a CLIP name with no model gets
+    fetch_wait_s: float = 240.0  # an image request waits this long for its model's download
+    fetch_wait_text_s: float = 20.0  # a text search, likewise
+    model_revision: str = "main"  # MACHINE_LEARNING_MODEL_REVISION: Immich 3.3's `v2` exports live in <model>/v2/
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -283,11 +298,18 @@ class Settings:
             header_timeout_s=env.number("IMMICH_AIO_HEADER_TIMEOUT_S", 10.0, 0.1, 3600),
             body_timeout_s=env.number("IMMICH_AIO_BODY_TIMEOUT_S", 60.0, 0.1, 3600),
             max_connections=env.integer("IMMICH_AIO_MAX_CONNECTIONS", 1000, 8, 100_000),
-            # Requests admitted at once (reading, queued or running); each holds its upload (spooled to
-            # disk past 1 MB), so this bounds what queued work can cost. More gets a 503.
-            max_queued=env.integer("IMMICH_AIO_MAX_QUEUED", 128, 1, 100_000),
+            # An optional cap on requests admitted at once; by default admission goes by memory and disk left.
+            max_queued=env.integer("IMMICH_AIO_MAX_QUEUED", 0, 0, 1_000_000),
+            memory_reserve_bytes=int(env.number("IMMICH_AIO_MEMORY_RESERVE_MB", 256, 0, 1 << 20) * 2**20),
+            disk_reserve_bytes=int(env.number("IMMICH_AIO_DISK_RESERVE_MB", 256, 0, 1 << 30) * 2**20),
             shutdown_grace_s=env.number("IMMICH_AIO_SHUTDOWN_GRACE_S", 8.0, 0, 3600),
             clip_reduced_decode=env.boolean("IMMICH_AIO_CLIP_REDUCED_DECODE", False),
+            auto_fetch=env.boolean("IMMICH_AIO_AUTO_FETCH", True) and not env.boolean("HF_HUB_OFFLINE", False),
+            auto_fetch_clip=env.choice("IMMICH_AIO_AUTO_FETCH_CLIP", "chinese", ("chinese", "immich")),
+            # Below the Immich server's 300 s (undici's headers timeout): room for the load and the run after it.
+            fetch_wait_s=env.number("IMMICH_AIO_FETCH_WAIT_S", 240.0, 1, 290),
+            fetch_wait_text_s=env.number("IMMICH_AIO_FETCH_WAIT_TEXT_S", 20.0, 1, 290),
+            model_revision=_parse_revision(env),
             allocator=_parse_allocator(env),
             mt_api_key=_parse_api_key(env),
             mt_clip_model=_mt_clip_model(env),

@@ -69,7 +69,14 @@ class ModelLoadError(PredictError):
 
 
 class ModelMissing(BadRequest):
-    """A known name whose files are not in the store: the message names the fetch command."""
+    """A known name whose files are not in the store: the message names the fetch command.
+
+    `plan` (a names.fetchable.FetchPlan) says what would be fetched for it, where fetching on first use is on.
+    """
+
+    def __init__(self, detail: str, *, served: str | None = None, plan: object = None) -> None:
+        super().__init__(detail, served=served)
+        self.plan = plan
 
 
 class InferenceError(PredictError):

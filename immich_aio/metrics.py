@@ -77,6 +77,24 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.downloads = Counter(
+            "immich_aio_model_downloads",
+            "Downloads of missing models on first use, by outcome (started, installed, failed)",
+            ["task", "outcome"],
+            registry=r,
+        )
+        self.download_bytes = Counter(
+            "immich_aio_model_download_bytes",
+            "Bytes fetched by downloads on first use (finished attempts, resumed ones count what they fetched)",
+            ["task"],
+            registry=r,
+        )
+
+    def download_event(self, outcome: str, plan: object, nbytes: int) -> None:
+        task = task_label(getattr(plan, "task", None))
+        self.downloads.labels(task, outcome).inc()
+        if nbytes:
+            self.download_bytes.labels(task).inc(nbytes)
 
     def watch(self, sample: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
         """Register gauges computed when scraped (queue depths, budget, loaded models)."""

@@ -29,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from immich_aio import pipeline
-from immich_aio.app import Call, answer, json_response, read_limits, run_job
+from immich_aio.app import Call, answer, json_response, read_limits, run_pipeline
 from immich_aio.errors import (
     BadRequest,
     ClientGone,
@@ -99,7 +99,7 @@ async def _image_job(request: Request, call: Call, entries: list[Entry], limit_s
             width, height = await rt.run(probe, upload, rt.settings.max_pixels)
             if max(width, height) > MAX_SIDE:
                 raise BadRequest("height or width out of range")
-        result = await run_job(request, call.job, pipeline.run, rt.engine, call.job, entries, upload, None)
+        result = await run_pipeline(request, call.job, entries, upload, None)
     call.served = result.served
     return result
 
@@ -171,7 +171,7 @@ async def clip_txt(request: Request) -> Response:
         call.task = CLIP
         text = await _json_text(request, rt)
         entries = [Entry(CLIP, TEXTUAL, rt.settings.mt_clip_model, {})]
-        result = await run_job(request, call.job, pipeline.run, rt.engine, call.job, entries, None, text)
+        result = await run_pipeline(request, call.job, entries, None, text)
         call.served = result.served
         return json_response({"result": _vector(result.outputs[(CLIP, TEXTUAL)])})
 

@@ -18,17 +18,20 @@ import onnxruntime as ort
 from prometheus_client.core import GaugeMetricFamily
 
 from immich_aio import __version__, memory
+from immich_aio.admission import Admission
+from immich_aio.autofetch import AutoFetcher
 from immich_aio.config import Settings
-from immich_aio.errors import PredictError, ServiceUnavailable
+from immich_aio.errors import ModelMissing, PredictError, ServiceUnavailable
 from immich_aio.imaging import PixelBudget
 from immich_aio.jobs import Job
 from immich_aio.metrics import Metrics
 from immich_aio.models.base import Resolver
 from immich_aio.names.clip import ClipResolver
 from immich_aio.names.faces import FaceResolver
+from immich_aio.names.fetchable import FetchPlan
 from immich_aio.names.ocr import OcrResolver
 from immich_aio.pipeline import Engine
-from immich_aio.protocol import CLIP, FACES, OCR
+from immich_aio.protocol import CLIP, FACES, OCR, Entry
 from immich_aio.registry import ModelRegistry
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import TASKS, ModelStore
@@ -42,12 +45,19 @@ IDLE_TRIM_S = 2.0
 # next, so the runs never wait for a decode while queued requests hold only their (compressed) upload.
 DECODE_MP_PER_RUN = 8
 T = TypeVar("T")
+FETCH_RULE = (
+    "A name with no model is fetched on its first request (IMMICH_AIO_AUTO_FETCH): a CLIP name gets the "
+    "Chinese-CLIP of its dimension from a ready ONNX export (512-d CN-CLIP ViT-B-16, 768-d ViT-L-14), any other "
+    "dimension or IMMICH_AIO_AUTO_FETCH_CLIP=immich gets Immich's own model for the name; a face pack comes from "
+    "immich-app/<pack>; an OCR name for a script the bundled model cannot read gets its own PP-OCRv5 files. A name "
+    "whose files exist is never answered by a fetched other model."
+)
 IMMICH_DEFAULTS = {"ViT-B-32__openai", "buffalo_l", "PP-OCRv5_mobile"}  # what Immich sends unless told otherwise
 
 
 def build_resolvers(settings: Settings, store: ModelStore, factory: SessionFactory) -> dict[str, Resolver]:
     return {
-        CLIP: ClipResolver(store, factory, settings.clip_aliases),
+        CLIP: ClipResolver(store, factory, settings.clip_aliases, settings.auto_fetch_clip),
         FACES: FaceResolver(store, factory, settings.face_max_batch),
         OCR: OcrResolver(store, factory, settings.ocr_default_model, settings.ocr_max_batch, settings.ocr_max_side),
     }
@@ -72,6 +82,10 @@ class Runtime:
         budget = settings.decode_budget_pixels or DECODE_MP_PER_RUN * 1_000_000 * self.factory.gate.slots
         self.budget = PixelBudget(budget, settings.decode_wait_s)
         self.engine = Engine(self.registry, self.budget, settings.max_pixels)
+        self.admission = Admission(
+            settings.max_upload_bytes, settings.memory_reserve_bytes, settings.disk_reserve_bytes, settings.max_queued
+        )
+        self.fetcher = AutoFetcher(self.store, settings.auto_fetch, on_event=self.metrics.download_event)
         self.jobs: set[Job] = set()  # admitted and not yet answered
         self._quiet = 0  # counts the moments the last request in flight was answered
         self.trims = 0  # idle trims done, for tests and /metrics
@@ -113,13 +127,10 @@ class Runtime:
         return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
     def admit(self, interactive: bool = False) -> Job:
-        """A job for a new request, or a 503 when shutting down or the queue is full."""
+        """A job for a new request, or a 503 when shutting down or the machine cannot hold one more (admission)."""
         if self.draining:
             raise ServiceUnavailable("Shutting down: not taking new work; send it to another server or try again")
-        if len(self.jobs) >= self.settings.max_queued:
-            raise ServiceUnavailable(
-                f"Busy: {len(self.jobs)} requests are already queued (IMMICH_AIO_MAX_QUEUED); try again later"
-            )
+        self.admission.check(len(self.jobs))
         job = Job(interactive=interactive)
         self.jobs.add(job)
         return job
@@ -201,10 +212,44 @@ class Runtime:
         self.registry.unload_all()
         log.info("Stopped: requests finished, models unloaded")
 
+    def missing_plan(self, task: str, type_: str, name: str) -> FetchPlan | None:
+        """What would be fetched for this entry, when its model is missing and fetching on first use is on."""
+        if not self.fetcher.enabled:
+            return None
+        try:
+            self.registry.resolve(task, type_, name)
+        except ModelMissing as e:
+            return e.plan if isinstance(e.plan, FetchPlan) else None
+        except (PredictError, KeyError):
+            return None  # answered by the pipeline, with its own reason
+        return None
+
+    async def fetch_missing(self, entries: list[Entry], job: Job) -> None:
+        """Before a request runs: download any of its models that are missing (waiting on the event loop)."""
+        if not self.fetcher.enabled:
+            return
+        for entry in entries:
+            plan = self.missing_plan(entry.task, entry.type, entry.model_name)
+            if plan is None:
+                continue
+            wait = self.settings.fetch_wait_text_s if entry.needs_text else self.settings.fetch_wait_s
+            try:
+                await self.fetcher.obtain(plan, entry.model_name, job, wait)
+            except PredictError as e:
+                raise e.about(entry.task, entry.type, entry.model_name, plan.target) from None
+
     def preload(self) -> None:
-        """Load MACHINE_LEARNING_PRELOAD__* models now; they never expire. A failure is logged, not fatal."""
+        """Load MACHINE_LEARNING_PRELOAD__* models now; they never expire. A failure is logged, not fatal.
+
+        A preloaded name whose model is missing starts its download now (fetching on first use); it is loaded
+        when the download lands.
+        """
         for (task, type_), names in self.settings.preload.items():
             for name in names:
+                plan = self.missing_plan(task, type_, name)
+                if plan is not None:
+                    download = self.fetcher.start(plan, name)
+                    download.event.wait()
                 try:
                     self.registry.load(self.registry.resolve(task, type_, name), pin=True)
                 except (PredictError, KeyError) as e:
@@ -270,4 +315,13 @@ class Runtime:
             "answers": {task: r.explain() for task, r in self.registry.resolvers.items()},
             "servedFiles": self._served_files(),
             "skippedStoreEntries": self.store.skipped(),
+            "autoFetch": {
+                "enabled": self.fetcher.enabled,
+                "clip": self.settings.auto_fetch_clip,
+                "waitSeconds": {"image": self.settings.fetch_wait_s, "text": self.settings.fetch_wait_text_s},
+                "rule": FETCH_RULE,
+            },
+            "downloads": self.fetcher.downloads(),
+            "admission": self.admission.describe(),
+            "modelRevision": self.settings.model_revision,
         }

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # before anything imports onnxruntime
+# Servers started by tests never reach for the real hubs: fetching on first use is switched on by the tests of it,
+# against the local stand-in hub.
+os.environ["IMMICH_AIO_AUTO_FETCH"] = "false"
 
 import io
 import json
@@ -32,7 +35,11 @@ OCR_ENTRIES = {
 
 
 def settings_for(store: Path, **env: str) -> Settings:
-    base = {"MACHINE_LEARNING_CACHE_FOLDER": str(store), "MACHINE_LEARNING_REQUEST_THREADS": "2"}
+    base = {
+        "MACHINE_LEARNING_CACHE_FOLDER": str(store),
+        "MACHINE_LEARNING_REQUEST_THREADS": "2",
+        "IMMICH_AIO_AUTO_FETCH": "false",
+    }
     base.update(env)
     return Settings.from_env(base)
 

@@ -483,14 +483,18 @@ def test_qa_clip_is_fetched_exported_and_served_like_cn_clip(tmp_path, monkeypat
 def test_download_via_hf_endpoint_with_interruption_and_resume(tmp_path, monkeypatch, tiny_release, model, capsys):
     store = tmp_path / "models"
     repo = "OFA-Sys/chinese-clip-vit-base-patch16"
+    command = ["--store", str(store), "clip", "--arch", "ViT-B-16", "--export"]
     with FakeHub() as hub:
         hub.add_hf_repo(repo, {"clip_cn_vit-b-16.pt": tiny_release, "vocab.txt": vocab_path().read_bytes()})
         blob = hub.served_path(repo, "clip_cn_vit-b-16.pt")
-        hub.cut_after[blob] = len(tiny_release) // 3  # the connection drops a third of the way in
+        cut = len(tiny_release) // 3
+        hub.cut_after[blob] = cut  # the connection drops a third of the way in
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        assert models_main(["--store", str(store), "clip", "--arch", "ViT-B-16"]) == 0
+        assert models_main(command) == 1
+        assert "run the command again to resume" in capsys.readouterr().err
+        assert models_main(command) == 0  # the next run goes on from the cut, not from byte 0
         gets = [r for r in hub.requests if r.path == blob and r.method == "GET"]
-        assert len(gets) == 2  # huggingface_hub retried the broken transfer by itself
+        assert [r.range for r in gets] == [None, f"bytes={cut}-"]
     out = capsys.readouterr()
     assert "clip_cn_vit-b-16.pt" in out.err and "%" in out.err  # progress shown
     folder = store / "clip" / NAME
@@ -535,6 +539,6 @@ def test_missing_export_tools_fail_before_downloading(tmp_path, monkeypatch, cap
     monkeypatch.setitem(sys.modules, "cn_clip.clip.model", None)  # as if cn_clip were not installed
     with FakeHub() as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        assert models_main(["--store", str(tmp_path), "clip", "--arch", "ViT-B-16"]) == 1
+        assert models_main(["--store", str(tmp_path), "clip", "--arch", "ViT-B-16", "--export"]) == 1
         assert hub.requests == []
     assert "pip install --no-deps cn_clip" in capsys.readouterr().err

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import immich_aio  # noqa: F401  (telemetry off before onnxruntime loads)
 from immich_aio.download.fetch import MIRROR_HELP, DownloadError
+from immich_aio.download.install import install_lock
 from immich_aio.store import ModelStore
 
 
@@ -27,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="installed models")
     listing.add_argument("--verify", action="store_true", help="check every file against its install manifest")
 
-    clip = sub.add_parser("clip", help="Chinese-CLIP: download + export a checkpoint, or import ONNX files")
+    clip = sub.add_parser(
+        "clip", help="Chinese-CLIP: ready ONNX (no torch), a checkpoint exported with torch, or ONNX files to import"
+    )
     clip.add_argument(
         "--arch", default="ViT-B-16", help="ViT-B-16 (512-d), ViT-L-14, ViT-L-14-336 (768-d), ViT-H-14, RN50 (1024-d)"
     )
@@ -38,7 +39,20 @@ def _parser() -> argparse.ArgumentParser:
         help="cn-clip: OFA-Sys Chinese-CLIP; qa-clip: TencentARC QA-CLIP (same architecture; no ViT-H-14)",
     )
     clip.add_argument("--source", choices=["hf", "modelscope"], default="hf", help="hub (hf honours HF_ENDPOINT)")
-    clip.add_argument("--fp16", action="store_true", help="fp16 weights (for GPU hosts); I/O stays float32")
+    clip.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "int8"],
+        default="fp32",
+        help="which file of the ready ONNX export: fp32 (default, cn_clip's exact vectors), fp16 (half the size, for "
+        "GPUs), int8 (a quarter, quantised: close, not equal vectors)",
+    )
+    clip.add_argument(
+        "--export",
+        action="store_true",
+        help="download the torch checkpoint and export it (needs the `export` extra); the default for ViT-H-14, RN50 "
+        "and QA-CLIP, which have no ready ONNX export, and for --source modelscope",
+    )
+    clip.add_argument("--fp16", action="store_true", help="with --export: fp16 weights (for GPU hosts)")
     clip.add_argument("--name", help="store folder name (default CN-CLIP-<arch>)")
     clip.add_argument(
         "--immich",
@@ -71,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list(store, args.verify)
-        with exclusive(store):
+        with install_lock(store, lock_key(args)):
             return _install(store, args)
     except KeyboardInterrupt:
         print("\nimmich-aio models: interrupted; run the same command again to resume", file=sys.stderr)
@@ -89,31 +103,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-@contextlib.contextmanager
-def exclusive(store: ModelStore) -> Iterator[None]:
-    """One install at a time per store: two would share partial downloads and race on the renames."""
-    import fcntl
+def lock_key(args: argparse.Namespace) -> str:
+    """The model an install writes (names/fetchable.lock_key), so installs of different models run side by side."""
+    from immich_aio.names.fetchable import lock_key as key
+    from immich_aio.store import clean_name
 
-    lock = store.root / ".downloads" / ".lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with lock.open("a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise RuntimeError(
-                f"another `immich-aio models` ({holder}) is installing into {store.root}; wait for it to finish"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
-            fcntl.flock(f, fcntl.LOCK_UN)
+    if args.command == "clip":
+        if args.immich:
+            return key("clip", clean_name(args.immich))
+        return key(
+            "clip", clean_name(args.name or f"{'QA-CLIP' if args.family == 'qa-clip' else 'CN-CLIP'}-{args.arch}")
+        )
+    if args.command == "faces":
+        return key("facial-recognition", clean_name(args.pack))
+    return key("ocr", clean_name(args.name))
 
 
 def _install(store: ModelStore, args: argparse.Namespace) -> int:
@@ -158,8 +161,16 @@ def _clip(store: ModelStore, args: argparse.Namespace) -> int:
             vocab=args.vocab,
             source=args.source,
         )
-    else:
+    elif (
+        args.export
+        or args.fp16
+        or args.family != "cn-clip"
+        or args.source != "hf"
+        or args.arch not in clip.ONNX_RELEASES
+    ):
         clip.fetch_and_export(store, args.arch, args.source, args.fp16, args.name, args.family)
+    else:
+        clip.fetch_onnx(store, args.arch, args.precision, args.name)
     print("Next: set Immich's Smart Search model to a name of the same dimension (ViT-B-32__openai for 512-d),")
     print("restart the Immich server (it caches query vectors) and run Smart Search for all assets.")
     return 0

@@ -1,5 +1,6 @@
-"""Getting Chinese-CLIP-architecture models: CN-CLIP (OFA-Sys) and QA-CLIP (TencentARC) checkpoints from
-Hugging Face / ModelScope exported to ONNX, or ready-made official-format ONNX files imported after validation.
+"""Getting Chinese-CLIP-architecture models: OFA-Sys's weights as ready ONNX (transformers.js's exports, split
+into towers: no torch), CN-CLIP (OFA-Sys) and QA-CLIP (TencentARC) checkpoints from Hugging Face / ModelScope
+exported to ONNX with torch, or ready-made official-format ONNX files imported after validation.
 
 QA-CLIP keeps Chinese-CLIP's architecture, tokenizer and checkpoint format, so it is fetched, exported and
 served exactly like CN-CLIP, under its own names (QA-CLIP-<arch>).
@@ -15,7 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from immich_aio.download import hf
-from immich_aio.download.fetch import DownloadError, download, forget, modelscope_listing, modelscope_url
+from immich_aio.download.fetch import (
+    DOWNLOAD_RECORDS,
+    DownloadError,
+    download,
+    forget,
+    modelscope_listing,
+    modelscope_url,
+    say,
+)
 from immich_aio.download.install import staged
 from immich_aio.download.validate import torch_checkpoint, vocabulary
 from immich_aio.protocol import CLIP
@@ -62,6 +71,31 @@ RELEASES: dict[str, dict[str, Release]] = {
 VOCAB = RELEASES["cn-clip"]["ViT-B-16"]
 
 
+@dataclass(frozen=True)
+class OnnxRelease:
+    """transformers.js's ONNX export of OFA-Sys's own weights (one graph for both towers)."""
+
+    repo: str
+    revision: str  # a commit, so the files never change under a name; "main" where no commit id was confirmed
+    image_size: int
+    embed_dim: int
+
+
+# Commits: the ones the Hub showed for the ViT-L repos' `onnx/` folders (2025). For ViT-B-16 only an abbreviated
+# id (3100d72) could be read from here; it follows `main`, and the commit fetched is recorded in config.json.
+ONNX_RELEASES: dict[str, OnnxRelease] = {
+    "ViT-B-16": OnnxRelease("Xenova/chinese-clip-vit-base-patch16", "main", 224, 512),
+    "ViT-L-14": OnnxRelease(
+        "Xenova/chinese-clip-vit-large-patch14", "d5830db712737ffee8eb3e4511b4153891da323a", 224, 768
+    ),
+    "ViT-L-14-336": OnnxRelease(
+        "Xenova/chinese-clip-vit-large-patch14-336px", "c1fa1b6a8082d7fdde95bd87d763448249cbfe46", 336, 768
+    ),
+}
+# Which file of the export each precision takes; fp32 is the default because only it gives cn_clip's vectors.
+PRECISIONS = {"fp32": "onnx/model.onnx", "fp16": "onnx/model_fp16.onnx", "int8": "onnx/model_quantized.onnx"}
+
+
 def served_name(arch: str, family: str = "cn-clip") -> str:
     return f"{RELEASES[family][arch].family}-{arch}"
 
@@ -104,10 +138,10 @@ def fetch_and_export(
     clip_export.require()
     release = RELEASES[family][arch]
     where = "ModelScope" if source == "modelscope" else hf.endpoint()
-    print(f"Fetching {release.checkpoint} ({release.family} {arch}) from {where}")
+    say(f"Fetching {release.checkpoint} ({release.family} {arch}) from {where}")
     checkpoint = _fetch(store, release, release.checkpoint, source, torch_checkpoint)
     vocab = fetch_vocab(store, source)
-    print(f"Exporting {release.family} {arch} to ONNX{' (fp16)' if fp16 else ''}")
+    say(f"Exporting {release.family} {arch} to ONNX{' (fp16)' if fp16 else ''}")
     try:
         model = clip_export.model_from_checkpoint(checkpoint, clip_export.arch_config(arch))
     except (RuntimeError, KeyError, ValueError, EOFError) as e:
@@ -123,7 +157,56 @@ def fetch_and_export(
         config["family"] = release.family
         (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(vocab, stage / "textual" / "vocab.txt")
-    print(f"Installed {target} ({config['embed_dim']}-d) in {store.model_dir(CLIP, target)}")
+    say(f"Installed {target} ({config['embed_dim']}-d) in {store.model_dir(CLIP, target)}")
+    return store.model_dir(CLIP, target)
+
+
+def fetch_onnx(store: ModelStore, arch: str, precision: str = "fp32", name: str | None = None) -> Path:
+    """OFA-Sys's weights from transformers.js's export, split into the store's towers: no torch anywhere."""
+    from immich_aio.download.clip_split import SplitError, split_in_child
+
+    if arch not in ONNX_RELEASES:
+        raise ValueError(
+            f"no ready ONNX export of CN-CLIP {arch}; one of {', '.join(ONNX_RELEASES)} "
+            f"(or export the checkpoint with torch: --export)"
+        )
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
+    release = ONNX_RELEASES[arch]
+    graph_file = PRECISIONS[precision]
+    say(f"Fetching {release.repo} ({graph_file}, {precision}) from {hf.endpoint()}")
+    snapshot = hf.fetch(store.root, release.repo, (graph_file, "vocab.txt"), revision=release.revision)
+    vocab = snapshot.path("vocab.txt")
+    try:
+        vocabulary(vocab)
+    except ValueError as e:
+        hf.forget(snapshot.folder, "vocab.txt")
+        raise DownloadError(f"vocab.txt from {release.repo} is not usable: {e}; deleted it, run again") from e
+    target = name or served_name(arch)
+    say(f"Splitting {graph_file} into the image and text towers")
+    with staged(store, CLIP, target) as stage:
+        try:
+            result = split_in_child(snapshot.path(graph_file), stage, vocab, release.image_size)
+        except SplitError as e:
+            hf.forget(snapshot.folder, graph_file)
+            raise DownloadError(
+                f"{graph_file} from {release.repo} could not be split: {e}; deleted it, run again"
+            ) from e
+        if result["embed_dim"] != release.embed_dim:
+            raise DownloadError(f"{release.repo} gives {result['embed_dim']}-d vectors, not {release.embed_dim}")
+        shutil.copyfile(vocab, stage / "textual" / "vocab.txt")
+        config = {
+            "model_type": "cn-clip",
+            "family": "CN-CLIP",
+            "embed_dim": release.embed_dim,
+            "image_size": release.image_size,
+            "context_length": 52,
+            "precision": precision,
+            "source": f"{release.repo}@{snapshot.commit} ({graph_file}), split into towers",
+        }
+        (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    hf.discard(snapshot)
+    say(f"Installed {target} ({release.embed_dim}-d, {precision}) in {store.model_dir(CLIP, target)}")
     return store.model_dir(CLIP, target)
 
 
@@ -153,7 +236,7 @@ def fetch_immich(store: ModelStore, requested: str) -> Path:
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(snapshot.folder / rel, stage / rel)
     hf.discard(snapshot)
-    print(f"Installed Immich's {name} ({IMMICH_CLIP_DIMS[name]}-d) in {store.model_dir(CLIP, name)}")
+    say(f"Installed Immich's {name} ({IMMICH_CLIP_DIMS[name]}-d) in {store.model_dir(CLIP, name)}")
     return store.model_dir(CLIP, name)
 
 
@@ -164,7 +247,11 @@ def check_immich_clip(folder: Path, dim: int) -> list[str]:
     from immich_aio.download.validate import load_onnx
     from immich_aio.models.clip_immich import TEXTUAL_FILES, VISUAL_FILES, Preprocess
 
-    rel = [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file() and ".cache" not in p.parts]
+    rel = [
+        str(p.relative_to(folder))
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and ".cache" not in p.parts and not p.name.endswith(DOWNLOAD_RECORDS)
+    ]
     needed = ["config.json", *(f"visual/{f}" for f in VISUAL_FILES), *(f"textual/{f}" for f in TEXTUAL_FILES)]
     missing = [f for f in needed if f not in rel]
     if missing:
@@ -255,5 +342,5 @@ def import_onnx(
             "imported_from": [image_file.name, text_file.name],
         }
         (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    print(f"Installed {clean_name(name)} ({image_dim}-d, {size}px) in {store.model_dir(CLIP, name)}")
+    say(f"Installed {clean_name(name)} ({image_dim}-d, {size}px) in {store.model_dir(CLIP, name)}")
     return store.model_dir(CLIP, name)

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 from immich_aio.download import hf
-from immich_aio.download.fetch import download, forget
+from immich_aio.download.fetch import download, forget, say
 from immich_aio.download.install import staged
 from immich_aio.download.validate import load_onnx, zip_with
 from immich_aio.protocol import DETECTION, FACES, RECOGNITION
@@ -48,7 +48,7 @@ def validate(detector: Path, recognizer: Path) -> None:
 def fetch_pack(store: ModelStore, pack: str, source: str = "hf") -> Path:
     if pack not in PACK_FILES:
         raise ValueError(f"unknown pack {pack!r}; one of {', '.join(PACK_FILES)}")
-    print(LICENCE)
+    say(LICENCE)
     if source == "hf":
         snapshot = hf.fetch(store.root, f"immich-app/{pack}", (f"{DETECTION}/model.onnx", f"{RECOGNITION}/model.onnx"))
         files = {t: snapshot.path(f"{t}/model.onnx") for t in (DETECTION, RECOGNITION)}
@@ -74,7 +74,7 @@ def fetch_pack(store: ModelStore, pack: str, source: str = "hf") -> Path:
         _install(store, pack, files)
         forget(archive)
         shutil.rmtree(downloads, ignore_errors=True)
-    print(f"Installed {pack} in {store.model_dir(FACES, pack)}")
+    say(f"Installed {pack} in {store.model_dir(FACES, pack)}")
     return store.model_dir(FACES, pack)
 
 

@@ -10,13 +10,21 @@ The rules, learned from a faulty mirror:
   members needed, a text vocabulary). What fails is deleted, with a message saying what was wrong;
 - a finished file is trusted on a later run only through the record written when it was validated
   (`<dest>.verified`, holding its size, mtime and sha256), never just because it exists;
-- an interrupted download resumes with a Range request; an HTML page served with status 200 (a login or
-  error page from a mirror) is recognised as such;
-- credentials are never sent by this client, and none would follow a redirect to another origin.
+- an interrupted download resumes with a Range request, across runs and server restarts: the partial file
+  stays as `<dest>.part` beside a record of what it is a part of (`<dest>.part.json`: the expected hash and
+  size), and a part of another version of the file is discarded instead of being completed with new bytes;
+- an HTML page served with status 200 (a login or error page from a mirror) is recognised as such;
+- credentials go only in headers the caller passes for its own host, and never follow a redirect to another
+  origin.
+
+Progress goes to stderr as one rewritten line, or, in the server, to the reporter the fetching thread set
+(`reporting`), which turns it into /info figures and a few log lines.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import http.client
 import json
@@ -26,7 +34,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -36,6 +44,7 @@ MIRROR_HELP = (
     "or --source modelscope (MODELSCOPE_ENDPOINT to override https://www.modelscope.cn)"
 )
 
+DOWNLOAD_RECORDS = (".part", ".part.json", ".verified")  # what the downloader keeps beside a file
 Validator = Callable[[Path], None]  # raises ValueError saying what the file is not
 
 
@@ -93,22 +102,51 @@ def _opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(_SameOriginCredentials)
 
 
+Reporter = Callable[[str, int, int | None], None]  # (file, bytes done, bytes in all or None)
+_reporter: contextvars.ContextVar[Reporter | None] = contextvars.ContextVar("download_reporter", default=None)
+
+
+@contextlib.contextmanager
+def reporting(reporter: Reporter) -> Iterator[None]:
+    """Within the block (in this thread), downloads report to `reporter` instead of drawing a line on stderr."""
+    token = _reporter.set(reporter)
+    try:
+        yield
+    finally:
+        _reporter.reset(token)
+
+
+def say(message: str) -> None:
+    """A step of an install: printed for the CLI; in the server (a reporter is set) the fetcher logs its own."""
+    if _reporter.get() is None:
+        print(message, flush=True)
+
+
 class Progress:
-    """One line on stderr, rewritten at most a few times a second."""
+    """One line on stderr, rewritten at most a few times a second (or the thread's reporter, if one is set)."""
 
     def __init__(self, label: str, total: int | None, done: int = 0, stream=None) -> None:
         self.label, self.total, self.done, self.stream = label, total, done, stream or sys.stderr
         self.start, self.last, self.start_done = time.monotonic(), 0.0, done
+        self.reporter = _reporter.get()
+        if self.reporter is not None:
+            self.reporter(label, done, total)
 
     def update(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
         if now - self.last >= 0.25:
             self.last = now
-            self._print(end="\r")
+            if self.reporter is not None:
+                self.reporter(self.label, self.done, self.total)
+            else:
+                self._print(end="\r")
 
     def finish(self) -> None:
-        self._print(end="\n")
+        if self.reporter is not None:
+            self.reporter(self.label, self.done, self.total)
+        else:
+            self._print(end="\n")
 
     def _print(self, end: str) -> None:
         rate = (self.done - self.start_done) / max(time.monotonic() - self.start, 1e-6) / 1e6
@@ -121,8 +159,12 @@ def _record_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".verified")
 
 
-def _trusted(dest: Path, sha256: str | None) -> bool:
-    """A finished download whose validation record still describes it (and the sha256 wanted, if any)."""
+def _part_record_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".part.json")
+
+
+def _trusted(dest: Path, sha256: str | None, git_sha1: str | None = None) -> bool:
+    """A finished download whose validation record still describes it (and the hash wanted, if any)."""
     try:
         record = json.loads(_record_path(dest).read_text())
         st = dest.stat()
@@ -130,13 +172,41 @@ def _trusted(dest: Path, sha256: str | None) -> bool:
         return False
     if record.get("size") != st.st_size or record.get("mtime_ns") != st.st_mtime_ns:
         return False
+    if git_sha1 is not None and record.get("git_sha1") != git_sha1.lower():
+        return False
     return sha256 is None or record.get("sha256") == sha256.lower()
 
 
 def forget(dest: Path) -> None:
     """Delete a download and everything about it (the next run starts from scratch)."""
-    for p in (dest, dest.with_name(dest.name + ".part"), _record_path(dest)):
+    for p in (dest, dest.with_name(dest.name + ".part"), _record_path(dest), _part_record_path(dest)):
         p.unlink(missing_ok=True)
+
+
+def _keep_or_drop_part(dest: Path, part: Path, expected: dict[str, object]) -> int:
+    """Bytes of `part` to resume from: kept only when it was started for the same file (hash and size)."""
+    record = _part_record_path(dest)
+    if part.exists():
+        try:
+            started_for = json.loads(record.read_text())
+        except (OSError, ValueError):
+            started_for = None
+        known = {k: v for k, v in expected.items() if v is not None}
+        if started_for is not None and any(started_for.get(k) not in (None, v) for k, v in known.items()):
+            part.unlink(missing_ok=True)  # a part of another version of the file: never finish it with new bytes
+    if not part.exists():
+        record.write_text(json.dumps(expected))
+        return 0
+    return part.stat().st_size
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The git blob hash the Hugging Face Hub publishes for files not stored in LFS."""
+    h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
 
 
 def download(
@@ -148,19 +218,23 @@ def download(
     validate: Validator | None = None,
     timeout: float = 30,
     hint: str = MIRROR_HELP,
+    git_sha1: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Path:
     """Fetch url to dest (resuming dest.part), check it, rename it into place; returns dest.
 
-    `hint` is appended to network errors: how to reach this source through a mirror.
+    `hint` is appended to network errors: how to reach this source through a mirror. `git_sha1` is the git
+    blob hash to check instead of (or beside) `sha256`; `headers` are sent to `url`'s own origin only.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_file():
-        if _trusted(dest, sha256):
+        if _trusted(dest, sha256, git_sha1):
             return dest  # validated by an earlier run and unchanged since
         forget(dest)  # unknown provenance: never trusted just because it exists
     part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    headers = dict(_HEADERS)
+    expected = {"sha256": sha256.lower() if sha256 else None, "git_sha1": git_sha1, "size": size}
+    have = _keep_or_drop_part(dest, part, expected)
+    headers = {**_HEADERS, **(headers or {})}
     if have:
         headers["Range"] = f"bytes={have}-"
     try:
@@ -217,6 +291,13 @@ def download(
             f"{dest.name}: sha256 {digest} does not match the expected {sha256}; deleted it. Run the command again; "
             f"if this repeats, the source or mirror serves another file. {hint}"
         )
+    blob = git_blob_sha1(part) if git_sha1 else None
+    if git_sha1 and blob != git_sha1.lower():
+        forget(dest)
+        raise DownloadError(
+            f"{dest.name}: git hash {blob} does not match the {git_sha1} the hub lists; deleted it. Run the command "
+            f"again; if this repeats, the source or mirror serves another file. {hint}"
+        )
     if validate is not None:
         try:
             validate(part)
@@ -227,9 +308,10 @@ def download(
                 f"the source or mirror serves something else. {hint}"
             ) from e
     part.replace(dest)
+    _part_record_path(dest).unlink(missing_ok=True)
     st = dest.stat()
     _record_path(dest).write_text(
-        json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest, "url": url})
+        json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest, "git_sha1": blob, "url": url})
     )
     return dest
 

@@ -1,10 +1,14 @@
-"""Hugging Face downloads through `huggingface_hub`, the ecosystem's own client.
+"""Hugging Face downloads: the Hub API through `huggingface_hub`, the files through our resuming client.
 
-It brings what users of mirrors need: `HF_ENDPOINT` (e.g. https://hf-mirror.com), `HF_TOKEN` sent only
-to the endpoint and the Hub's own hosts (never to the CDN a file redirects to), resumable downloads,
-Xet storage and progress bars. On top of it, every file is checked against the sizes and hashes the hub
-publishes (sha256 for LFS files, the git blob hash for small ones) with `verify_repo_checksums`; a file
-that does not match is deleted before anything uses it, so a rerun fetches it afresh.
+`huggingface_hub` answers what a repo holds at a commit: the file list with sizes and hashes (sha256 for
+LFS files, the git blob hash for small ones), `HF_ENDPOINT` (e.g. https://hf-mirror.com) and `HF_TOKEN`.
+The bytes come through `fetch.download` from `<endpoint>/<repo>/resolve/<commit>/<file>` instead of
+`hf_hub_download`, because the library does not resume across runs: it writes to a per-process temporary
+file, deletes it when interrupted, and resumes within one run only from whole 10 MiB chunks. Ours keeps
+`<file>.part` (with a record of which version it belongs to) across runs and server restarts, resumes it
+with a Range request, and checks the published hash at the end; a file that does not match is deleted
+before anything uses it. `HF_TOKEN` goes to the endpoint's own origin only, never to the CDN or storage
+host a file redirects to.
 
 Files land in `<store>/.downloads/hf/<org>--<repo>/`, outside the served folders; installs copy from
 there into a staged folder (see install.py).
@@ -15,10 +19,12 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from immich_aio.download.fetch import DownloadError
+from immich_aio.download.fetch import DownloadError, download
+from immich_aio.download.fetch import forget as forget_file
 
 HF_HINT = (
     "If Hugging Face is unreachable from here, use a mirror: HF_ENDPOINT=https://hf-mirror.com "
@@ -76,8 +82,8 @@ def _error(repo: str, e: Exception) -> DownloadError:
 
 
 def fetch(root: Path, repo: str, patterns: tuple[str, ...], revision: str = "main") -> Snapshot:
-    """Download the repo files matching `patterns` (resuming), verified against the hub's hashes."""
-    from huggingface_hub import HfApi, hf_hub_download
+    """Download the repo files matching `patterns` at `revision` (resuming), verified against the hub's hashes."""
+    from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
     api = HfApi(endpoint=endpoint(), token=_token())
@@ -91,59 +97,37 @@ def fetch(root: Path, repo: str, patterns: tuple[str, ...], revision: str = "mai
             and any(fnmatch.fnmatch(f.path, p) for p in patterns)
             and not any(fnmatch.fnmatch(f.path, p) for p in IGNORED)
         }
-        missing = [p for p in patterns if "*" not in p and p not in listing]
-        if missing:
-            raise DownloadError(f"{repo} on {endpoint()} has no {', '.join(missing)}. {HF_HINT}")
-        if not listing:
-            raise DownloadError(f"{repo} on {endpoint()} has no files matching {', '.join(patterns)}. {HF_HINT}")
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in sorted(listing):
-            hf_hub_download(
-                repo,
-                name,
-                revision=commit,
-                local_dir=folder,
-                endpoint=endpoint(),
-                token=_token(),
-                tqdm_class=_progress_class(),
-            )
-        verification = api.verify_repo_checksums(repo, revision=commit, local_dir=folder)
     except DownloadError:
         raise
-    except Exception as e:  # the client's own HTTP, hub and file errors, across its versions
+    except Exception as e:  # the client's own HTTP and hub errors, across its versions
         raise _error(repo, e) from e
-    bad = [m for m in verification.mismatches if m["path"] in listing]
-    for m in bad:
-        forget(folder, m["path"])
-    if bad:
-        detail = "; ".join(
-            f"{m['path']}: {m['algorithm']} {m['actual'][:12]}… is not the hub's {m['expected'][:12]}…" for m in bad
-        )
-        raise DownloadError(
-            f"{repo}: downloaded files do not match the hashes {endpoint()} publishes ({detail}). "
-            "They were deleted; run the command again to download them afresh."
+    missing = [p for p in patterns if "*" not in p and p not in listing]
+    if missing:
+        raise DownloadError(f"{repo} on {endpoint()} has no {', '.join(missing)}. {HF_HINT}")
+    if not listing:
+        raise DownloadError(f"{repo} on {endpoint()} has no files matching {', '.join(patterns)}. {HF_HINT}")
+    auth = {"Authorization": f"Bearer {_token()}"} if _token() else {}
+    for name in sorted(listing):
+        entry = listing[name]
+        if ".." in Path(name).parts or name.startswith("/"):
+            raise DownloadError(f"{repo} on {endpoint()} lists a file outside the repository ({name!r})")
+        url = f"{endpoint()}/{repo}/resolve/{commit}/{urllib.parse.quote(name)}"
+        download(
+            url,
+            folder / name,
+            sha256=entry.lfs.sha256 if entry.lfs else None,
+            git_sha1=None if entry.lfs else entry.blob_id,
+            size=entry.lfs.size if entry.lfs else entry.size,
+            hint=HF_HINT,
+            headers=auth,
+            timeout=60,
         )
     return Snapshot(repo, commit, folder)
 
 
-def _progress_class():
-    """huggingface_hub's bar, shown even when stderr is not a terminal (docker logs, CI): long work shows progress."""
-    from huggingface_hub.utils import tqdm
-
-    class Progress(tqdm):
-        def __init__(self, *args, **kwargs) -> None:
-            kwargs["disable"] = False
-            kwargs.setdefault("mininterval", 0.5)
-            super().__init__(*args, **kwargs)
-
-    return Progress
-
-
 def forget(folder: Path, name: str) -> None:
-    """Delete a downloaded file and huggingface_hub's record of it, so the next run downloads it again."""
-    (folder / name).unlink(missing_ok=True)
-    meta = folder / ".cache" / "huggingface" / "download" / f"{name}.metadata"
-    meta.unlink(missing_ok=True)
+    """Delete a downloaded file and its records, so the next run downloads it again."""
+    forget_file(folder / name)
 
 
 def discard(snapshot: Snapshot) -> None:

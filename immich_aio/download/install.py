@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from immich_aio.store import ModelStore, clean_name, sha256_file
@@ -64,3 +67,46 @@ def staged(store: ModelStore, task: str, name: str, keep_existing: bool = False)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+class InstallBusy(RuntimeError):
+    """Another process is installing the same model into this store."""
+
+
+@contextlib.contextmanager
+def install_lock(
+    store: ModelStore, key: str, wait: Callable[[str], bool] | None = None, poll_s: float = 1.0
+) -> Iterator[None]:
+    """One install of a model at a time, across processes (the CLI and the server's fetches on first use).
+
+    Two installs of one model would append to the same partial download and race on the renames; installs of
+    different models run side by side. Without `wait`, a held lock raises InstallBusy at once; with it, the
+    lock is polled while `wait(holder)` returns True.
+    """
+    import fcntl
+
+    folder = store.root / ".downloads"
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / f".lock-{re.sub(r'[^A-Za-z0-9_+-]', '_', key)}"
+    with lock.open("a+") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                if wait is None or not wait(holder):
+                    raise InstallBusy(
+                        f"another install of {key} ({holder}) is running in {store.root}; wait for it to finish"
+                    ) from None
+                time.sleep(poll_s)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from immich_aio.download.fetch import download, forget
+from immich_aio.download.fetch import download, forget, say
 from immich_aio.download.install import staged
 from immich_aio.download.validate import load_onnx
 from immich_aio.names.ocr import IMMICH_NAMES, store_folder
@@ -92,7 +92,7 @@ def fetch(store: ModelStore, name: str) -> dict[str, Path]:
             (stage / type_).mkdir(exist_ok=True)
             shutil.copyfile(downloaded[type_], stage / type_ / "model.onnx")
         where = store.path(OCR, folder, type_, "model.onnx").relative_to(store.root)
-        print(f"Installed {model_keys(name)[type_]} as {where}")
+        say(f"Installed {model_keys(name)[type_]} as {where}")
     for type_ in fetched:
         forget(downloaded[type_])
     return {t: store.path(OCR, store_folder(name, t), t, "model.onnx") for t in (DETECTION, RECOGNITION)}

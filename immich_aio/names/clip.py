@@ -30,6 +30,7 @@ from immich_aio.models.clip_immich import (
     embed_dim,
     is_immich_clip,
 )
+from immich_aio.names import fetchable
 from immich_aio.protocol import CLIP, TEXTUAL, VISUAL
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import ModelStore, clean_name
@@ -83,10 +84,23 @@ class Installed:
 class ClipResolver(Resolver):
     task = CLIP
 
-    def __init__(self, store: ModelStore, factory: SessionFactory, aliases: dict[str, str]) -> None:
+    def __init__(
+        self, store: ModelStore, factory: SessionFactory, aliases: dict[str, str], fetch_clip: str = "chinese"
+    ) -> None:
         self.store = store
         self.factory = factory
         self.explicit = {clean_name(k): clean_name(v) for k, v in aliases.items()}
+        self.fetch_clip = fetch_clip  # what a name with no model gets on first use (names/fetchable.py)
+
+    @staticmethod
+    def refetch_plan(served: str) -> fetchable.FetchPlan | None:
+        """How an installed-by-name model could be fetched again (CN-CLIP with a ready export, Immich's own)."""
+        arch = served.removeprefix("CN-CLIP-")
+        if served.startswith("CN-CLIP-") and arch in fetchable.CHINESE_ONNX_REPOS:
+            return fetchable.chinese_clip(arch)
+        if served in IMMICH_CLIP_DIMS:
+            return fetchable.immich_clip(served)
+        return None
 
     def installed(self) -> dict[str, Installed]:
         """CLIP folders in the store that hold a model, with their kind and dimension."""
@@ -118,6 +132,7 @@ class ClipResolver(Resolver):
                     f"in {self.store.root / CLIP}; installed: {self._installed_text(installed)}; "
                     f"{fetch_hint(immich_dim)}",
                     served=served,
+                    plan=self.refetch_plan(served),
                 )
         elif requested in installed:
             served, why = requested, OWN
@@ -126,15 +141,17 @@ class ClipResolver(Resolver):
             candidates = [n for n in PREFERRED.get(immich_dim, ()) if n in chinese]
             candidates += sorted(n for n, i in chinese.items() if i.dim == immich_dim and n not in candidates)
             if not candidates:
+                plan = fetchable.clip_for(requested, immich_dim, self.fetch_clip)
                 if chinese:
-                    raise BadRequest(
+                    raise ModelMissing(
                         f"CLIP model {requested!r} is {immich_dim}-d in Immich, but no installed Chinese-CLIP model "
                         f"has {immich_dim} dimensions and {requested!r} has no files of its own (installed: "
                         f"{self._installed_text(installed)}). Choose an Immich name of an installed model's "
-                        f"dimension, or {fetch_hint(immich_dim, requested)}"
+                        f"dimension, or {fetch_hint(immich_dim, requested)}",
+                        plan=plan,
                     )
                 raise ModelMissing(
-                    f"No model is installed to answer {requested!r}; {fetch_hint(immich_dim, requested)}"
+                    f"No model is installed to answer {requested!r}; {fetch_hint(immich_dim, requested)}", plan=plan
                 )
             served, why = candidates[0], f"{CHINESE} ({immich_dim})"
         else:
@@ -197,7 +214,9 @@ class ClipResolver(Resolver):
                 else fetch_hint(None)
             )
             raise ModelMissing(
-                f"CLIP model {served!r} is incomplete: {', '.join(missing)} missing; {hint}", served=served
+                f"CLIP model {served!r} is incomplete: {', '.join(missing)} missing; {hint}",
+                served=served,
+                plan=self.refetch_plan(served),
             )
         if kind == "immich":
             cls = ImmichClipVisual if type_ == VISUAL else ImmichClipTextual

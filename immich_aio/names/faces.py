@@ -8,6 +8,7 @@ from __future__ import annotations
 from immich_aio.errors import BadRequest, ModelMissing
 from immich_aio.models.base import ModelSpec, Resolver
 from immich_aio.models.faces import FaceDetector, FaceRecognizer
+from immich_aio.names import fetchable
 from immich_aio.protocol import DETECTION, FACES, RECOGNITION
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import ModelStore, clean_name
@@ -39,7 +40,9 @@ class FaceResolver(Resolver):
             listing = ", ".join(installed) or "none"
             if name in PACKS:
                 raise ModelMissing(
-                    f"Face model {requested!r} is not installed (installed: {listing}); {fetch_hint(name)}", served=name
+                    f"Face model {requested!r} is not installed (installed: {listing}); {fetch_hint(name)}",
+                    served=name,
+                    plan=fetchable.faces(name),
                 )
             raise BadRequest(f"Unknown face model {requested!r}; installed: {listing}; known packs: {', '.join(PACKS)}")
         cls = FaceDetector if type_ == DETECTION else FaceRecognizer

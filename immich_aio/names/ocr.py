@@ -5,18 +5,25 @@ served by its own files only when its detector *and* its recogniser are both in 
 the configured default answers both entries, which out of the box is the PP-OCRv6 small pair
 bundled in the rapidocr wheel (no download). A detector is never paired with another model's
 recogniser: a half-present install is treated as absent.
+
+The default never answers a name for a script it cannot read: a language prefix whose sample characters
+are missing from the default recogniser's charset (Korean, Thai, Greek and Cyrillic for PP-OCRv6, which
+reads Chinese, Japanese and Latin scripts) needs the name's own files; without them the request is
+refused with the command that fetches them (or they are fetched on first use).
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
-from immich_aio.errors import BadRequest
+from immich_aio.errors import BadRequest, ModelMissing
 from immich_aio.models.base import Model, ModelSpec, Resolver
 from immich_aio.models.ocr import OcrDetector, OcrRecognizer, bundled_model_dir
+from immich_aio.names import fetchable
 from immich_aio.protocol import DETECTION, OCR, RECOGNITION
 from immich_aio.sessions import SessionFactory
-from immich_aio.store import ModelStore, clean_name
+from immich_aio.store import FileIdentity, ModelStore, clean_name, file_identity
 
 BUNDLED = "PP-OCRv6_small"
 BUNDLED_FILES = {DETECTION: "PP-OCRv6_det_small.onnx", RECOGNITION: "PP-OCRv6_rec_small.onnx"}
@@ -39,6 +46,30 @@ IMMICH_NAMES = (
 )
 
 
+# Sample text of each language prefix Immich uses: the script a recogniser must hold to answer the name.
+SCRIPT_SAMPLES = {
+    "CH": ("Chinese", "中文识别"),
+    "EN": ("English", "Immich"),
+    "LATIN": ("Latin-script", "àéîõüçñß"),
+    "KOREAN": ("Korean", "한국어"),
+    "TH": ("Thai", "ภาษาไทย"),
+    "EL": ("Greek", "ελληνικά"),
+    "ESLAV": ("Cyrillic (East Slavic)", "русский"),
+}
+
+
+def _charset(path: Path) -> frozenset[str]:
+    """A PP-OCR recogniser's characters from its ONNX metadata (no session: the file's header is read)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "character" in meta:
+        return frozenset(meta["character"].splitlines())
+    beside = path.with_name("charset.txt")
+    return frozenset(beside.read_text(encoding="utf-8").splitlines()) if beside.is_file() else frozenset()
+
+
 def store_folder(name: str, type_: str) -> str:
     """Immich's layout: detection drops the language prefix (shared detector), recognition keeps it."""
     return name.split("__")[-1] if type_ == DETECTION else name
@@ -55,6 +86,24 @@ class OcrResolver(Resolver):
         self.default = clean_name(default)
         self.max_batch = max_batch
         self.max_side = max_side
+        self._charsets: dict[str, tuple[FileIdentity, frozenset[str]]] = {}  # per recogniser path: bounded
+        self._lock = threading.Lock()
+
+    def reads(self, recogniser: Path, language: str) -> bool:
+        """Whether a recogniser holds every sample character of a language prefix (unknown prefixes: no)."""
+        if language not in SCRIPT_SAMPLES:
+            return False
+        identity = file_identity(recogniser)
+        with self._lock:
+            cached = self._charsets.get(str(recogniser))
+        if cached is None or cached[0] != identity:
+            try:
+                cached = (identity, _charset(recogniser))
+            except Exception:  # an unreadable file: the load will say why; here it just reads nothing
+                cached = (identity, frozenset())
+            with self._lock:
+                self._charsets[str(recogniser)] = cached
+        return all(c in cached[1] for c in SCRIPT_SAMPLES[language][1])
 
     def pair(self, name: str) -> dict[str, Path] | None:
         """A name's detector and recogniser files, or None unless both are present."""
@@ -92,6 +141,16 @@ class OcrResolver(Resolver):
             return self._spec(type_, name, files, name)
         if name in IMMICH_NAMES or name == self.default:
             files = self.pair(self.default)
+            language = name.split("__")[0] if "__" in name else None
+            if files is not None and language is not None and not self.reads(files[RECOGNITION], language):
+                script = SCRIPT_SAMPLES.get(language, (language, ""))[0]
+                raise ModelMissing(
+                    f"OCR model {requested!r} reads {script} text, which the default {self.default!r} cannot read; "
+                    f"its own files are not in the store {self.store.root}. Fetch them with "
+                    f"`immich-aio models ocr --name {name}`",
+                    served=name,
+                    plan=fetchable.ocr(name),
+                )
             if files is None:
                 raise BadRequest(
                     f"OCR model {requested!r} is served by the default {self.default!r} (IMMICH_AIO_OCR_MODEL), but "
@@ -121,7 +180,7 @@ class OcrResolver(Resolver):
             for type_ in (DETECTION, RECOGNITION):
                 try:
                     spec = self.resolve(type_, name)
-                except BadRequest:
+                except BadRequest:  # ModelMissing too: a script the default cannot read
                     continue
                 out[f"{name} ({type_})"] = spec.name
         return out
