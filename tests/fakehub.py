@@ -49,6 +49,9 @@ class FakeHub:
         # (no Content-Length, and the body cut short) | "slow" (about 1 MB/s) | int HTTP status
         self.faults: dict[str, object] = {}
         self.redirects: dict[str, str] = {}  # path -> absolute URL answered with a 302
+        # path -> (bytes, event): send that many bytes, then wait for the event before the rest (a slow hub
+        # whose progress a test can watch, released when the test says so)
+        self.holds: dict[str, tuple[int, threading.Event]] = {}
         self.requests: list[Request] = []
         self.repos: dict[str, dict[str, bytes]] = {}
         self.lfs: set[tuple[str, str]] = set()
@@ -240,6 +243,17 @@ class FakeHub:
                             time.sleep(0.03)
                     except (BrokenPipeError, ConnectionResetError):
                         pass  # the client went away (Ctrl-C)
+                    return
+                hold = hub.holds.get(path)
+                if hold is not None:
+                    first, release = hold
+                    try:
+                        self.wfile.write(body[:first])
+                        self.wfile.flush()
+                        release.wait(60)
+                        self.wfile.write(body[first:])
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
                     return
                 cut = hub.cut_after.pop(path, None)
                 if cut is not None:
