@@ -240,6 +240,9 @@ class AutoFetcher:
         else:
             download.state = "installed"
             download.finished = time.time()
+            # Should the install not make the name servable (a store laid out otherwise), requests get the
+            # resolver's own answer instead of starting the same install again and again.
+            download.retry_at = time.monotonic() + self.retry_first_s
             self.on_event("installed", plan, counted["bytes"] + download.done)
             log.info(
                 "Installed %s in %.0f s (fetched on first use from %s)",

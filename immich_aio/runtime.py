@@ -70,7 +70,7 @@ class Runtime:
         # separate pools, so a person searching never queues behind the background backlog.
         self.executor = ThreadPoolExecutor(settings.request_threads, thread_name_prefix="request")
         self.interactive = ThreadPoolExecutor(4, thread_name_prefix="search")
-        self.store = ModelStore(settings.cache_folder)
+        self.store = ModelStore(settings.cache_folder, settings.model_revision)
         self.metrics = Metrics()
         self.factory = SessionFactory(settings, self.metrics)
         self.registry = ModelRegistry(

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+\-]*")
 MAX_NAME = 200
 TASKS = ("clip", "facial-recognition", "ocr")
+MODEL_TYPES = ("visual", "textual", "detection", "recognition")
 
 
 def clean_name(name: str) -> str:
@@ -70,8 +71,11 @@ class FileInfo:
 class ModelStore:
     HASH_CACHE = 256  # file versions whose sha256 is remembered
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, revision: str = "main") -> None:
         self.root = root.expanduser().resolve()
+        # Immich 3.3's MACHINE_LEARNING_MODEL_REVISION: any revision but `main` keeps its files one folder level
+        # down, `<task>/<name>/<revision>/...`; that folder is served when present, the unversioned one otherwise.
+        self.revision = revision
         self._hashes: OrderedDict[tuple, str] = OrderedDict()
         self._lock = threading.Lock()
         self._skipped: dict[str, str] = {}  # "task/name" -> why, for /info (bounded by what is on disk)
@@ -85,6 +89,15 @@ class ModelStore:
 
     def model_dir(self, task: str, name: str) -> Path:
         return self.path(task, clean_name(name))
+
+    def folder(self, task: str, name: str) -> Path:
+        """The folder a model is served from: its revision's (MACHINE_LEARNING_MODEL_REVISION) if present."""
+        plain = self.path(task, clean_name(name))
+        if self.revision != "main":
+            versioned = self.path(task, clean_name(name), self.revision)
+            if any((versioned / t).is_dir() for t in MODEL_TYPES):  # laid out as the unversioned folder is
+                return versioned
+        return plain
 
     def names(self, task: str) -> list[str]:
         """Usable folder names under a task, sorted; bad entries are skipped and reported once."""

@@ -106,7 +106,7 @@ class ClipResolver(Resolver):
         """CLIP folders in the store that hold a model, with their kind and dimension."""
         out = {}
         for name in self.store.names(CLIP):
-            folder = self.store.path(CLIP, name)
+            folder = self.store.folder(CLIP, name)
             if is_cn_clip(folder):
                 try:
                     out[name] = Installed("cn-clip", ClipConfig.read(folder).embed_dim)
@@ -175,7 +175,7 @@ class ClipResolver(Resolver):
         return preferred.get(dim) or next((n for n, d in IMMICH_CLIP_DIMS.items() if d == dim), "none")
 
     def _files(self, served: str, kind: str, type_: str) -> dict[str, Path]:
-        folder = self.store.model_dir(CLIP, served)
+        folder = self.store.folder(CLIP, served)
         if kind == "cn-clip":
             files = {"model": folder / type_ / "model.onnx"}
             if type_ == TEXTUAL:
@@ -193,7 +193,7 @@ class ClipResolver(Resolver):
 
     def _watch(self, served: str, kind: str) -> tuple[Path, ...]:
         """Every file of the installation: a change to either tower switches both."""
-        folder = self.store.model_dir(CLIP, served)
+        folder = self.store.folder(CLIP, served)
         if kind == "cn-clip":
             towers = {VISUAL: ("model.onnx",), TEXTUAL: ("model.onnx", "vocab.txt")}
         else:
@@ -227,7 +227,7 @@ class ClipResolver(Resolver):
         )
 
     def files(self, served: str) -> dict[str, Path]:
-        folder = self.store.model_dir(CLIP, served)
+        folder = self.store.folder(CLIP, served)
         return {t: folder / t / "model.onnx" for t in (VISUAL, TEXTUAL) if (folder / t / "model.onnx").is_file()}
 
     def explain(self) -> dict[str, dict[str, str]]:

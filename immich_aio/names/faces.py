@@ -34,9 +34,11 @@ class FaceResolver(Resolver):
 
     def resolve(self, type_: str, requested: str) -> ModelSpec:
         name = clean_name(requested)
-        path = self.store.path(FACES, name, type_, "model.onnx")
+        path = self.store.folder(FACES, name) / type_ / "model.onnx"
         if not path.is_file():
-            installed = [n for n in self.store.names(FACES) if self.store.path(FACES, n, type_, "model.onnx").is_file()]
+            installed = [
+                n for n in self.store.names(FACES) if (self.store.folder(FACES, n) / type_ / "model.onnx").is_file()
+            ]
             listing = ", ".join(installed) or "none"
             if name in PACKS:
                 raise ModelMissing(
@@ -47,7 +49,7 @@ class FaceResolver(Resolver):
             raise BadRequest(f"Unknown face model {requested!r}; installed: {listing}; known packs: {', '.join(PACKS)}")
         cls = FaceDetector if type_ == DETECTION else FaceRecognizer
         # A pack is one installation: replacing it switches detector and recogniser together.
-        watch = tuple(self.store.path(FACES, name, t, "model.onnx") for t in (DETECTION, RECOGNITION))
+        watch = tuple(self.store.folder(FACES, name) / t / "model.onnx" for t in (DETECTION, RECOGNITION))
         return ModelSpec(
             FACES,
             type_,

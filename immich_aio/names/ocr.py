@@ -108,11 +108,11 @@ class OcrResolver(Resolver):
     def pair(self, name: str) -> dict[str, Path] | None:
         """A name's detector and recogniser files, or None unless both are present."""
         if name == BUNDLED:
-            stored = {t: self.store.path(OCR, BUNDLED, t, "model.onnx") for t in (DETECTION, RECOGNITION)}
+            stored = {t: self.store.folder(OCR, BUNDLED) / t / "model.onnx" for t in (DETECTION, RECOGNITION)}
             if all(p.is_file() for p in stored.values()):
                 return stored
             return {t: bundled_model_dir() / f for t, f in BUNDLED_FILES.items()}
-        files = {t: self.store.path(OCR, store_folder(name, t), t, "model.onnx") for t in (DETECTION, RECOGNITION)}
+        files = {t: self.store.folder(OCR, store_folder(name, t)) / t / "model.onnx" for t in (DETECTION, RECOGNITION)}
         return files if all(p.is_file() for p in files.values()) else None
 
     def _build(self, type_: str, served: str, path: Path) -> Model:
@@ -169,7 +169,7 @@ class OcrResolver(Resolver):
             return {t: pair[t] for t in (DETECTION, RECOGNITION)}
         out = {}
         for t in (DETECTION, RECOGNITION):
-            p = self.store.path(OCR, store_folder(served, t), t, "model.onnx")
+            p = self.store.folder(OCR, store_folder(served, t)) / t / "model.onnx"
             if p.is_file():
                 out[t] = p
         return out
