@@ -25,11 +25,12 @@ from starlette.routing import Route
 from immich_aio import fork_ocr, pipeline
 from immich_aio.access_log import AccessLog
 from immich_aio.config import Settings
-from immich_aio.errors import BadRequest, ClientGone, PredictError
+from immich_aio.errors import BadRequest, ClientGone, ModelMissing, PredictError
 from immich_aio.http_form import ReadLimits, read_form, read_small_field
 from immich_aio.imaging import ImageSource
 from immich_aio.jobs import Job
 from immich_aio.metrics import endpoint_label, task_label, type_label
+from immich_aio.names.fetchable import FetchPlan
 from immich_aio.protocol import OCR, RECOGNITION, Entry, check_payload, decode_entries, dumps, entries_from
 from immich_aio.runtime import Runtime
 
@@ -62,11 +63,23 @@ async def run_job(request: Request, job: Job, fn: Callable[..., T], *args: Any) 
 async def run_pipeline(
     request: Request, job: Job, entries: list[Entry], image: ImageSource | None, text: str | None
 ) -> pipeline.Result:
-    """The entries run on a worker, once their models are in the store (fetched on first use while waiting here,
-    on the event loop: a request waiting for a download holds no worker thread)."""
+    """Run the entries on a worker. A model that is missing and can be fetched on first use is downloaded while the
+    request waits here, on the event loop (holding no worker thread), and the entries run again once it lands; the
+    common path, every model installed, pays nothing for this."""
     rt: Runtime = request.app.state.runtime
-    await _unless_client_leaves(request, job, rt.fetch_missing(entries, job))
-    return await run_job(request, job, pipeline.run, rt.engine, job, entries, image, text)
+    for attempt in range(len(entries) + 1):
+        try:
+            return await run_job(request, job, pipeline.run, rt.engine, job, entries, image, text)
+        except ModelMissing as e:
+            if not rt.fetcher.enabled or not isinstance(e.plan, FetchPlan) or attempt == len(entries):
+                raise
+            plan, requested = e.plan, e.requested or e.plan.target
+            wait = rt.settings.fetch_wait_text_s if job.interactive else rt.settings.fetch_wait_s
+            try:
+                await _unless_client_leaves(request, job, rt.fetcher.obtain(plan, requested, job, wait))
+            except PredictError as err:
+                raise err.about(e.task or "", e.type or "", requested, plan.target) from None
+    raise AssertionError("unreachable")
 
 
 async def _unless_client_leaves(request: Request, job: Job, awaitable: Awaitable[T]) -> T:

@@ -31,7 +31,7 @@ from immich_aio.names.faces import FaceResolver
 from immich_aio.names.fetchable import FetchPlan
 from immich_aio.names.ocr import OcrResolver
 from immich_aio.pipeline import Engine
-from immich_aio.protocol import CLIP, FACES, OCR, Entry
+from immich_aio.protocol import CLIP, FACES, OCR
 from immich_aio.registry import ModelRegistry
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import TASKS, ModelStore
@@ -223,20 +223,6 @@ class Runtime:
         except (PredictError, KeyError):
             return None  # answered by the pipeline, with its own reason
         return None
-
-    async def fetch_missing(self, entries: list[Entry], job: Job) -> None:
-        """Before a request runs: download any of its models that are missing (waiting on the event loop)."""
-        if not self.fetcher.enabled:
-            return
-        for entry in entries:
-            plan = self.missing_plan(entry.task, entry.type, entry.model_name)
-            if plan is None:
-                continue
-            wait = self.settings.fetch_wait_text_s if entry.needs_text else self.settings.fetch_wait_s
-            try:
-                await self.fetcher.obtain(plan, entry.model_name, job, wait)
-            except PredictError as e:
-                raise e.about(entry.task, entry.type, entry.model_name, plan.target) from None
 
     def preload(self) -> None:
         """Load MACHINE_LEARNING_PRELOAD__* models now; they never expire. A failure is logged, not fatal.

@@ -306,3 +306,19 @@ def test_a_preloaded_name_with_no_model_starts_its_download_at_startup(tmp_path,
 
         wait_until(preloaded, "the preloaded pack fetched and loaded with no request")
         assert downloads(srv.url)["buffalo_l"]["state"] == "installed"
+
+
+def test_an_install_of_the_same_model_by_the_cli_is_waited_for_not_repeated(tmp_path, hub):
+    from immich_aio.download.install import install_lock
+    from immich_aio.store import ModelStore
+
+    store = tmp_path / "models"
+    with server(store) as srv, ThreadPoolExecutor(1) as pool:
+        with install_lock(ModelStore(store), "facial-recognition/buffalo_l"):  # `immich-aio models faces` running
+            answer = pool.submit(post, srv.url, FACES, IMAGE)
+            shown = wait_until(
+                lambda: downloads(srv.url).get("buffalo_l", {}).get("state") == "waiting-for-other-install",
+                "the fetch waiting for the other install",
+            )
+            assert shown and hub.requests == []
+        assert answer.result(timeout=DEADLINE_S).status_code == 200
