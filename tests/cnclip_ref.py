@@ -78,9 +78,14 @@ def tiny_model(seed: int = 0):
 
     clip = import_cn_clip()
     torch.manual_seed(seed)
-    model = clip.model.CLIP(**TINY_CONFIG).float().eval()
-    # Weight matrices drawn wide enough that different inputs give clearly different embeddings
-    # (at the default 0.02 init every text embeds to nearly the same vector, which proves nothing).
+    return widen(clip.model.CLIP(**TINY_CONFIG).float().eval())
+
+
+def widen(model):
+    """Weight matrices drawn wide enough that different inputs give clearly different embeddings
+    (at the default 0.02 init every text embeds to nearly the same vector, which proves nothing)."""
+    import torch
+
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:

@@ -17,6 +17,8 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -274,3 +276,27 @@ class FakeHub:
         for s in (self.hub, self.cdn):
             s.shutdown()
             s.server_close()
+
+
+RAPIDOCR_BASE = "/models/RapidAI/RapidOCR/resolve/v3.10.0/onnx/PP-OCRv5"
+
+
+@contextmanager
+def rapidocr_hub(monkeypatch, files: dict[str, bytes]) -> Iterator[tuple[FakeHub, dict[str, dict[str, str]]]]:
+    """PP-OCR files (`det/<key>`, `rec/<key>` -> bytes) served where RapidOCR's ModelScope repository has them, with
+    the wheel's model registry replaced by one listing them: yields (hub, registry)."""
+    from immich_aio.download import ocr as ocr_download
+
+    registry = {
+        path.split("/")[1]: {
+            "model_dir": f"{ocr_download.OFFICIAL}{RAPIDOCR_BASE}/{path}.onnx",
+            "SHA256": hashlib.sha256(data).hexdigest(),
+        }
+        for path, data in files.items()
+    }
+    monkeypatch.setattr(ocr_download, "registry", lambda: registry)
+    with FakeHub() as hub:
+        for path, data in files.items():
+            hub.files[f"{RAPIDOCR_BASE}/{path}.onnx"] = data
+        monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub.url)
+        yield hub, registry

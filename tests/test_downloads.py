@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES, OCR_ENTRIES, predict, settings_for
 from face_models import make_arcface, make_scrfd
-from fakehub import FakeHub
+from fakehub import RAPIDOCR_BASE, FakeHub, rapidocr_hub
 from starlette.testclient import TestClient
 
 from immich_aio.app import create_app
 from immich_aio.download import fetch as fetch_module
-from immich_aio.download import ocr as ocr_download
 from immich_aio.download.cli import main as models_main
 from immich_aio.models.ocr import bundled_model_dir
 
@@ -187,21 +186,9 @@ def test_own_client_drops_credentials_on_a_redirect_to_another_origin():
 def ocr_hub(monkeypatch):
     det = (bundled_model_dir() / "PP-OCRv6_det_small.onnx").read_bytes()
     rec = (bundled_model_dir() / "PP-OCRv6_rec_small.onnx").read_bytes()
-    base = "/models/RapidAI/RapidOCR/resolve/v3.10.0/onnx/PP-OCRv5"
     files = {"det/ch_PP-OCRv5_det_mobile": det, "rec/korean_PP-OCRv5_rec_mobile": rec}
-    registry = {
-        path.split("/")[1]: {
-            "model_dir": f"{ocr_download.OFFICIAL}{base}/{path}.onnx",
-            "SHA256": hashlib.sha256(data).hexdigest(),
-        }
-        for path, data in files.items()
-    }
-    monkeypatch.setattr(ocr_download, "registry", lambda: registry)
-    with FakeHub() as hub:
-        for path, data in files.items():
-            hub.files[f"{base}/{path}.onnx"] = data
-        monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub.url)
-        yield hub, f"{base}/rec/korean_PP-OCRv5_rec_mobile.onnx"
+    with rapidocr_hub(monkeypatch, files) as (hub, _registry):
+        yield hub, f"{RAPIDOCR_BASE}/rec/korean_PP-OCRv5_rec_mobile.onnx"
 
 
 def test_failed_recogniser_leaves_no_detector_behind(tmp_path, ocr_hub, capsys):

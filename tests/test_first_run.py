@@ -20,12 +20,11 @@ import pytest
 from cnclip_ref import vocab_path
 from conftest import FIXTURES, OCR_ENTRIES, settings_for
 from face_models import make_arcface, make_scrfd
-from fakehub import FakeHub
+from fakehub import FakeHub, rapidocr_hub
 from live import InProcessServer, captured_logs, free_port
 from xenova_clip import IMAGE_SIZE, combined_export, tiny_hf_model
 
 from immich_aio.download import clip as clip_download
-from immich_aio.download import ocr as ocr_download
 from immich_aio.download.cli import main as models_main
 from immich_aio.models.ocr import bundled_model_dir
 
@@ -272,27 +271,14 @@ def test_a_part_of_another_version_of_the_file_is_never_completed(tmp_path, hub,
 def test_an_ocr_name_the_bundled_model_cannot_read_gets_its_own_files(tmp_path, monkeypatch):
     det = (bundled_model_dir() / "PP-OCRv6_det_small.onnx").read_bytes()
     rec = (bundled_model_dir() / "PP-OCRv6_rec_small.onnx").read_bytes()  # stands in for the Korean recogniser
-    base = "/models/RapidAI/RapidOCR/resolve/v3.10.0/onnx/PP-OCRv5"
     files = {"det/ch_PP-OCRv5_det_mobile": det, "rec/korean_PP-OCRv5_rec_mobile": rec}
-    registry = {
-        path.split("/")[1]: {
-            "model_dir": f"{ocr_download.OFFICIAL}{base}/{path}.onnx",
-            "SHA256": hashlib.sha256(data).hexdigest(),
-        }
-        for path, data in files.items()
-    }
-    monkeypatch.setattr(ocr_download, "registry", lambda: registry)
     entries = {"ocr": {t: {**v, "modelName": "KOREAN__PP-OCRv5_mobile"} for t, v in OCR_ENTRIES["ocr"].items()}}
-    with FakeHub() as hub:
-        for path, data in files.items():
-            hub.files[f"{base}/{path}.onnx"] = data
-        monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub.url)
-        with server(tmp_path / "models") as srv:
-            # Latin and Chinese names stay on the bundled model, with no download
-            assert post(srv.url, OCR_ENTRIES, IMAGE).status_code == 200
-            assert hub.requests == []
-            assert post(srv.url, entries, IMAGE).status_code == 200
-            served = {(m["type"], m["name"]) for m in httpx.get(srv.url + "/info", timeout=10).json()["models"]}
+    with rapidocr_hub(monkeypatch, files) as (hub, _registry), server(tmp_path / "models") as srv:
+        # Latin and Chinese names stay on the bundled model, with no download
+        assert post(srv.url, OCR_ENTRIES, IMAGE).status_code == 200
+        assert hub.requests == []
+        assert post(srv.url, entries, IMAGE).status_code == 200
+        served = {(m["type"], m["name"]) for m in httpx.get(srv.url + "/info", timeout=10).json()["models"]}
     assert ("recognition", "KOREAN__PP-OCRv5_mobile") in served and ("detection", "PP-OCRv5_mobile") in served
 
 

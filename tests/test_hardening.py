@@ -282,6 +282,27 @@ def _connect(url: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=10)
 
 
+def _reply(sock: socket.socket) -> str:
+    """A whole HTTP response: headers and body may come in separate segments, so read to its Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data.decode(errors="replace")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+        0,
+    )
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")
+
+
 def test_client_that_never_finishes_its_headers_is_disconnected(live):
     with captured_logs() as logs:
         sock = _connect(live.url)
@@ -301,7 +322,7 @@ def test_stalled_body_gets_a_408(live):
         f"Content-Length: {len(body) + 5000}\r\n\r\n"
     )
     sock.sendall(head.encode() + body)
-    reply = sock.recv(4096).decode(errors="replace")
+    reply = _reply(sock)
     sock.close()
     assert reply.startswith("HTTP/1.1 408") and "IMMICH_AIO_BODY_TIMEOUT_S" in reply
     assert httpx.get(live.url + "/ping").text == "pong"

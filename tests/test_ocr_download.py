@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 from conftest import FIXTURES, OCR_ENTRIES, predict, settings_for
-from fakehub import FakeHub
+from fakehub import RAPIDOCR_BASE, rapidocr_hub
 from starlette.testclient import TestClient
 
 from immich_aio.app import create_app
@@ -16,7 +14,7 @@ from immich_aio.download.install import verify_manifest
 from immich_aio.models.ocr import bundled_model_dir
 from immich_aio.names.ocr import IMMICH_NAMES
 
-BASE = "/models/RapidAI/RapidOCR/resolve/v3.10.0/onnx/PP-OCRv5"
+BASE = RAPIDOCR_BASE
 
 
 def test_every_immich_name_maps_to_rapidocr_registry_entries():
@@ -33,19 +31,8 @@ def hub(monkeypatch):
     det = (bundled_model_dir() / "PP-OCRv6_det_small.onnx").read_bytes()
     rec = (bundled_model_dir() / "PP-OCRv6_rec_small.onnx").read_bytes()
     files = {"det/ch_PP-OCRv5_det_mobile": det, "rec/ch_PP-OCRv5_rec_mobile": rec, "rec/en_PP-OCRv5_rec_mobile": rec}
-    registry = {
-        path.split("/")[1]: {
-            "model_dir": f"{ocr_download.OFFICIAL}{BASE}/{path}.onnx",
-            "SHA256": hashlib.sha256(data).hexdigest(),
-        }
-        for path, data in files.items()
-    }
-    monkeypatch.setattr(ocr_download, "registry", lambda: registry)
-    with FakeHub() as fake:
-        for path, data in files.items():
-            fake.files[f"{BASE}/{path}.onnx"] = data
-        monkeypatch.setenv("MODELSCOPE_ENDPOINT", fake.url)
-        yield fake, registry
+    with rapidocr_hub(monkeypatch, files) as served:
+        yield served
 
 
 def test_fetch_lays_files_out_as_immich_ml_and_serves_them(tmp_path, hub):

@@ -33,6 +33,7 @@ IMAGE_SIZE = 32
 
 def tiny_hf_model(seed: int = 0):
     import torch
+    from cnclip_ref import widen
 
     config = ChineseCLIPConfig(
         text_config={
@@ -56,14 +57,7 @@ def tiny_hf_model(seed: int = 0):
     )
     config._attn_implementation = "eager"  # the export traces plain attention, as transformers.js's did
     torch.manual_seed(seed)
-    model = ChineseCLIPModel(config).float().eval()
-    with torch.no_grad():  # wide weights: different inputs give clearly different embeddings
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.3)
-            else:
-                p.add_(torch.randn_like(p) * 0.02)
-    return model
+    return widen(ChineseCLIPModel(config).float().eval())
 
 
 def combined_export(model, path: Path) -> Path:
