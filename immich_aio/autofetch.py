@@ -70,6 +70,7 @@ class Download:
     plan: FetchPlan
     requested: str  # the name that first asked for it (from the catalogue's names, for the log and /info)
     state: str = "queued"  # queued | waiting-for-other-install | downloading | installing | installed | failed
+    step: str = ""  # the install's latest step, e.g. "Splitting onnx/model.onnx into the image and text towers"
     file: str = ""
     done: int = 0
     total: int | None = None
@@ -101,6 +102,7 @@ class Download:
             "requestedFor": self.requested,
             "source": self.plan.source,
             "state": self.state,
+            "step": self.step or None,
             "file": self.file,
             "bytesDone": self.done,
             "bytesTotal": self.total,
@@ -218,8 +220,14 @@ class AutoFetcher:
                     log.info("Fetching %s: %s", plan.key, download.progress_text())
                 download._logged_quarter, download._logged_at = quarter, now
 
+        def step(message: str) -> None:
+            download.step = message
+            if not message.startswith("Fetching"):  # the files are in: checking, splitting, installing
+                download.state = "installing"
+                log.info("Fetching %s: %s", plan.key, message)
+
         try:
-            with install_lock(self.store, plan.lock, wait=wait_for_other), reporting(report):
+            with install_lock(self.store, plan.lock, wait=wait_for_other), reporting(report, step):
                 self.installer(self.store, plan)
         except BaseException as e:  # any failure of an install is this download's failure, reported
             delay = min(self.retry_first_s * 2 ** (download.attempts - 1), self.retry_max_s)

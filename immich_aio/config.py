@@ -236,8 +236,8 @@ class Settings:
     mt_ocr_model: str = "PP-OCRv6_small"
     clip_reduced_decode: bool = False
     allocator: str = "auto"  # auto | jemalloc | mimalloc | glibc
-    memory_reserve_bytes: int = 256 * 1024 * 1024  # admission: memory always left free
-    disk_reserve_bytes: int = 256 * 1024 * 1024  # admission: spool disk always left free
+    memory_reserve_bytes: int = 64 * 1024 * 1024  # admission: memory always left free
+    disk_reserve_bytes: int = 64 * 1024 * 1024  # admission: spool disk always left free
     auto_fetch: bool = True  # missing models are downloaded on first use (off with HF_HUB_OFFLINE=1 too)
     auto_fetch_clip: str = "chinese"  # chinese | immich: what a CLIP name with no model gets
     fetch_wait_s: float = 240.0  # an image request waits this long for its model's download
@@ -300,8 +300,10 @@ class Settings:
             max_connections=env.integer("IMMICH_AIO_MAX_CONNECTIONS", 1000, 8, 100_000),
             # An optional cap on requests admitted at once; by default admission goes by memory and disk left.
             max_queued=env.integer("IMMICH_AIO_MAX_QUEUED", 0, 0, 1_000_000),
-            memory_reserve_bytes=int(env.number("IMMICH_AIO_MEMORY_RESERVE_MB", 256, 0, 1 << 20) * 2**20),
-            disk_reserve_bytes=int(env.number("IMMICH_AIO_DISK_RESERVE_MB", 256, 0, 1 << 30) * 2**20),
+            # Low on purpose: a queued request holds at most 2 MB of memory, and a small NAS runs with little
+            # memory available; below this the kernel's OOM killer is near, and refusing is the kinder answer.
+            memory_reserve_bytes=int(env.number("IMMICH_AIO_MEMORY_RESERVE_MB", 64, 0, 1 << 20) * 2**20),
+            disk_reserve_bytes=int(env.number("IMMICH_AIO_DISK_RESERVE_MB", 64, 0, 1 << 30) * 2**20),
             shutdown_grace_s=env.number("IMMICH_AIO_SHUTDOWN_GRACE_S", 8.0, 0, 3600),
             clip_reduced_decode=env.boolean("IMMICH_AIO_CLIP_REDUCED_DECODE", False),
             auto_fetch=env.boolean("IMMICH_AIO_AUTO_FETCH", True) and not env.boolean("HF_HUB_OFFLINE", False),

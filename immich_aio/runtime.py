@@ -90,6 +90,7 @@ class Runtime:
         self._quiet = 0  # counts the moments the last request in flight was answered
         self.trims = 0  # idle trims done, for tests and /metrics
         self.draining = False
+        self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self.metrics.watch(self._live_gauges)
 
@@ -202,6 +203,7 @@ class Runtime:
         self._tasks.append(asyncio.create_task(self._reap_forever()))
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -235,7 +237,9 @@ class Runtime:
                 plan = self.missing_plan(task, type_, name)
                 if plan is not None:
                     download = self.fetcher.start(plan, name)
-                    download.event.wait()
+                    while not download.event.wait(0.5):
+                        if self._stopping:
+                            return  # the download goes on in its own thread; the shutdown does not wait for it
                 try:
                     self.registry.load(self.registry.resolve(task, type_, name), pin=True)
                 except (PredictError, KeyError) as e:

@@ -4,7 +4,8 @@
 #   CPU image:  built on the local Debian + Python 3.11 base, run with a published port on 127.0.0.1 and a
 #               temporary volume at /cache, waited on until Docker reports it healthy; an OCR /predict with a
 #               committed fixture must read the fixture's text; /info and /metrics must answer; the server runs
-#               as a non-root user; `immich-aio models list` works inside; `docker stop` exits 0.
+#               as a non-root user; `immich-aio models list` works inside; Chinese-CLIP's ready export is split
+#               into towers inside the image, which has no torch; `docker stop` exits 0.
 #   CUDA image: built from the same Dockerfile (--target cuda); inside it ONNX Runtime must list
 #               CUDAExecutionProvider, and the only library missing must be the host driver (libcuda.so.1).
 #
@@ -88,11 +89,30 @@ print("  OCR read", " / ".join(body["ocr"]["text"]))
 PY
 [[ $("$DOCKER" exec "$NAME" id -u) == 1000 ]] || { say "FAIL: the server does not run as uid 1000"; exit 1; }
 "$DOCKER" exec "$NAME" immich-aio models list >/dev/null || { say "FAIL: immich-aio models does not run inside"; exit 1; }
+# Chinese-CLIP with no torch: a transformers.js-style combined graph (tiny random weights, made with the test
+# environment's torch) is split into towers inside the image, which has no torch.
+clip_src=$(mktemp -d)
+.venv/bin/python - "$clip_src" <<'PY'
+import sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from xenova_clip import combined_export, tiny_hf_model
+combined_export(tiny_hf_model(), Path(sys.argv[1]) / "model.onnx")
+PY
+cp tests/.vendor/cn_clip/clip/vocab.txt "$clip_src/vocab.txt"
+"$DOCKER" cp "$clip_src/." "$NAME:/tmp/clip-src"
+rm -rf "$clip_src"
+"$DOCKER" exec "$NAME" python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is not None)' \
+    || { say "FAIL: the image carries torch"; exit 1; }
+"$DOCKER" exec "$NAME" mkdir -p /tmp/clip-out
+split=$("$DOCKER" exec "$NAME" python -m immich_aio.download.clip_split /tmp/clip-src/model.onnx /tmp/clip-out \
+    /tmp/clip-src/vocab.txt 32 2>&1 | tail -1)
+[[ $split == '{"embed_dim": 512}' ]] || { echo "$split"; say "FAIL: Chinese-CLIP's export is not split inside the image"; exit 1; }
 "$DOCKER" stop -t 20 "$NAME" >/dev/null
 code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$NAME")
 [[ $code == 0 ]] || { "$DOCKER" logs --tail 20 "$NAME" 2>&1; say "FAIL: docker stop gave exit code $code, not 0"; exit 1; }
 "$DOCKER" rm "$NAME" >/dev/null
-say "CPU image: PASS (OCR, /info, jemalloc, /metrics, uid 1000, models CLI, clean stop)"
+say "CPU image: PASS (OCR, /info, jemalloc, /metrics, uid 1000, models CLI, Chinese-CLIP split without torch, clean stop)"
 
 # ---- CUDA image -------------------------------------------------------------------------------------------
 cuda_s=$(build cuda)

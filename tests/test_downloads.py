@@ -269,3 +269,23 @@ def test_two_installs_of_one_model_do_not_run_at_once(tmp_path, capsys):
         )
     assert proc.returncode == 1
     assert f"pid {os.getpid()}" in proc.stderr and "wait for it to finish" in proc.stderr
+
+
+def test_an_install_removes_what_a_killed_install_of_the_same_model_left(tmp_path):
+    from immich_aio.download.install import staged
+    from immich_aio.store import ModelStore
+
+    store = ModelStore(tmp_path / "models")
+    clip = tmp_path / "models" / "clip"
+    stale = [clip / ".staging-CN-CLIP-ViT-B-16-abcd1234", clip / ".old-CN-CLIP-ViT-B-16-xyz_5678"]
+    kept = [clip / ".staging-CN-CLIP-ViT-B-16-fresh123", clip / ".staging-CN-CLIP-ViT-B-16-x-abcd1234"]
+    for folder in stale + kept:
+        (folder / "visual").mkdir(parents=True)
+        (folder / "visual" / "model.onnx").write_bytes(b"x" * 1000)
+    for folder in [*stale, kept[1]]:
+        os.utime(folder, (time.time() - 3600, time.time() - 3600))  # killed an hour ago (the second: another model)
+    with staged(store, "clip", "CN-CLIP-ViT-B-16") as stage:
+        (stage / "config.json").write_text("{}")
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
+    assert (clip / "CN-CLIP-ViT-B-16" / "config.json").is_file()

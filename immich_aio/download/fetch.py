@@ -103,23 +103,30 @@ def _opener() -> urllib.request.OpenerDirector:
 
 
 Reporter = Callable[[str, int, int | None], None]  # (file, bytes done, bytes in all or None)
+Step = Callable[[str], None]  # a step of an install ("Splitting ...", "Installed ...")
 _reporter: contextvars.ContextVar[Reporter | None] = contextvars.ContextVar("download_reporter", default=None)
+_step: contextvars.ContextVar[Step | None] = contextvars.ContextVar("install_step", default=None)
 
 
 @contextlib.contextmanager
-def reporting(reporter: Reporter) -> Iterator[None]:
-    """Within the block (in this thread), downloads report to `reporter` instead of drawing a line on stderr."""
-    token = _reporter.set(reporter)
+def reporting(reporter: Reporter, step: Step) -> Iterator[None]:
+    """Within the block (in this thread), downloads report to `reporter` and install steps to `step`, instead of
+    drawing a line on stderr and printing."""
+    tokens = _reporter.set(reporter), _step.set(step)
     try:
         yield
     finally:
-        _reporter.reset(token)
+        _reporter.reset(tokens[0])
+        _step.reset(tokens[1])
 
 
 def say(message: str) -> None:
-    """A step of an install: printed for the CLI; in the server (a reporter is set) the fetcher logs its own."""
-    if _reporter.get() is None:
+    """A step of an install: printed for the CLI, reported to the server's fetcher (its /info and log) there."""
+    step = _step.get()
+    if step is None:
         print(message, flush=True)
+    else:
+        step(message)
 
 
 class Progress:

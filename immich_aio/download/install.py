@@ -51,6 +51,7 @@ def staged(store: ModelStore, task: str, name: str, keep_existing: bool = False)
     """
     target = store.model_dir(task, clean_name(name))
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(target)
     stage = Path(tempfile.mkdtemp(prefix=f".staging-{target.name}-", dir=target.parent))
     try:
         if keep_existing and target.is_dir():
@@ -67,6 +68,22 @@ def staged(store: ModelStore, task: str, name: str, keep_existing: bool = False)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+STALE_S = 600  # a stage this old belongs to an install that was killed (installs of one model never overlap)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Stages and swapped-out folders of this model left by a killed install: they only take disk space."""
+    pattern = re.compile(rf"\.(staging|old)-{re.escape(target.name)}-[A-Za-z0-9_]{{8}}")
+    for entry in target.parent.iterdir():
+        if not pattern.fullmatch(entry.name) or entry.is_symlink():
+            continue
+        try:
+            if time.time() - entry.stat().st_mtime > STALE_S:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            continue
 
 
 class InstallBusy(RuntimeError):
