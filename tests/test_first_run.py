@@ -308,3 +308,38 @@ def test_an_install_of_the_same_model_by_the_cli_is_waited_for_not_repeated(tmp_
             )
             assert shown and hub.requests == []
         assert answer.result(timeout=DEADLINE_S).status_code == 200
+
+
+def test_with_immich_as_the_choice_immichs_own_model_is_fetched_for_the_name(tmp_path, monkeypatch):
+    from immich_clip_models import install
+
+    src = install(tmp_path / "src", "openclip")
+    files = {str(p.relative_to(src)): p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    with FakeHub() as hub:
+        hub.add_hf_repo("immich-app/ViT-B-32__openai", files)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with server(tmp_path / "models", IMMICH_AIO_AUTO_FETCH_CLIP="immich") as srv:
+            got = post(srv.url, CLIP_VISUAL, IMAGE)
+            assert got.status_code == 200
+            info = httpx.get(srv.url + "/info", timeout=10).json()
+    assert info["answers"]["clip"]["ViT-B-32__openai"] == {"servedBy": "ViT-B-32__openai", "why": "its own files"}
+    assert set(downloads_of(info)) == {"ViT-B-32__openai"}
+    install(tmp_path / "reference", "openclip")  # Immich ML's cache, laid out by hand
+    with server(tmp_path / "reference", IMMICH_AIO_AUTO_FETCH="false") as srv:
+        want = post(srv.url, CLIP_VISUAL, IMAGE)
+    assert float(vector(got.json()) @ vector(want.json())) >= 0.99999
+
+
+def test_a_name_of_a_dimension_with_no_torch_free_chinese_clip_gets_immichs_own_model(tmp_path, hub):
+    # The hub holds no immich-app/ViT-H-14 repo: what is asked for is what matters here.
+    with server(tmp_path / "models") as srv:
+        entries = {"clip": {"visual": {"modelName": "ViT-H-14__laion2b-s32b-b79k", "options": {}}}}
+        answer = post(srv.url, entries, IMAGE)
+        assert answer.status_code == 503
+        assert "immich-app/ViT-H-14__laion2b-s32b-b79k" in answer.json()["detail"]
+        assert "immich-aio models clip --immich ViT-H-14__laion2b-s32b-b79k" in answer.json()["detail"]
+    assert not any("Xenova" in r.path for r in hub.requests)
+
+
+def downloads_of(info: dict) -> dict[str, dict]:
+    return {d["model"]: d for d in info["downloads"]}
