@@ -183,7 +183,8 @@ class Runtime:
                 key = (entry["servedBy"], entry["why"])
                 by_model.setdefault(key, set()).add(name.split(" (")[0])  # OCR lists each type
             if not by_model:
-                lines.append(f"  {task}: no model installed")
+                fetched = "; fetched on the first request for it" if self.fetcher.enabled else ""
+                lines.append(f"  {task}: no model installed{fetched}")
             for (served, why), names in sorted(by_model.items()):
                 ordered = sorted(names, key=lambda n: (n not in IMMICH_DEFAULTS, n))
                 shown = ", ".join(ordered[:4]) + (

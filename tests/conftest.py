@@ -12,6 +12,7 @@ os.environ["IMMICH_AIO_AUTO_FETCH"] = "false"
 import io
 import json
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,6 +109,18 @@ def env(**values: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def wait_for(condition: Callable[[], object], what: str, seconds: float = 10.0) -> object:
+    """Poll `condition` until it is true; fail the test (never hang it) if that takes longer than `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {seconds:g} s")
+        time.sleep(0.001)
 
 
 def loaded_model(runtime, type_: str, task: str | None = None):

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import OCR_ENTRIES, encode, loaded_model, predict
+from conftest import OCR_ENTRIES, encode, loaded_model, predict, wait_for
 
 from immich_aio.batching import Batcher, BatcherClosed, BatchPolicy, RunGate
 from immich_aio.config import Settings
@@ -146,8 +146,7 @@ def test_gate_hands_slots_over_in_arrival_order():
         t = threading.Thread(target=lambda n=name: (gate.acquire(), order.append(n), gate.release()))
         t.start()
         waiters.append(t)
-        while len(gate._waiting) < len(waiters):
-            time.sleep(0.001)
+        wait_for(lambda: len(gate._waiting) >= len(waiters), f"{name} waiting at the gate")
     gate.release()
     gate.acquire()  # the busy model comes straight back for another run
     order.append("clip")
@@ -174,11 +173,9 @@ def test_a_started_request_finishes_first():
     threads = [threading.Thread(target=detect, args=(j, f"detection {k}")) for k, j in enumerate(later)]
     for t in threads:
         t.start()
-    while gate.waiting < 2:
-        time.sleep(0.001)
+    wait_for(lambda: gate.waiting >= 2, "both later detections waiting at the gate")
     faces = recognition.submit_many([1, 2], photo)  # queued last
-    while gate.waiting < 3:
-        time.sleep(0.001)
+    wait_for(lambda: gate.waiting >= 3, "the recognition waiting at the gate")
     gate.release()
     assert [f.result(10) for f in faces] == [1, 2]
     for t in threads:

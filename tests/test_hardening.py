@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from cnclip_ref import install_tiny, tiny_model
-from conftest import FIXTURES, OCR_ENTRIES, encode, loaded_model, predict, settings_for
+from conftest import FIXTURES, OCR_ENTRIES, encode, loaded_model, predict, settings_for, wait_for
 from live import InProcessServer, captured_logs, free_port, server_process
 from PIL import Image
 from starlette.testclient import TestClient
@@ -151,14 +151,12 @@ def test_pixel_budget_serves_oldest_first_and_bounds_what_is_held():
     jobs = [Job() for _ in range(4)]
     t0 = threading.Thread(target=take, args=(first, 8, "first"))
     t0.start()
-    while budget.used == 0:
-        time.sleep(0.001)
+    wait_for(lambda: budget.used > 0, "the first image holding the budget")
     threads = []
     for i, job in reversed(list(enumerate(jobs))):  # started newest first; served oldest first
         threads.append(threading.Thread(target=take, args=(job, 6, f"job{i}")))
         threads[-1].start()
-    while budget.waiting < 4:
-        time.sleep(0.001)
+    wait_for(lambda: budget.waiting >= 4, "four jobs waiting for the budget")
     gate.set()
     for t in [t0, *threads]:
         t.join(10)
