@@ -310,9 +310,20 @@ def test_mt_requests_are_counted_and_logged_like_every_other(mt):
     )
 
 
-def test_search_from_mt_photos_takes_the_interactive_lane(mt):
+def test_search_from_mt_photos_takes_the_interactive_lane(mt, monkeypatch):
+    """The route marks its job interactive: its work goes to the search pool, never behind the image backlog."""
+    runtime = mt.app.state.runtime
+    lanes: list[bool] = []
+    real_run = runtime.run
+
+    async def spy(fn, *args, interactive=False):
+        lanes.append(interactive)
+        return await real_run(fn, *args, interactive=interactive)
+
+    monkeypatch.setattr(runtime, "run", spy)
     assert mt.post("/clip/txt", headers=H, json={"text": "猫"}).status_code == 200
-    textual = next(e["model"] for e in mt.app.state.runtime.registry.loaded() if e["spec"].type == "textual")
+    assert lanes and all(lanes), lanes
+    textual = next(e["model"] for e in runtime.registry.loaded() if e["spec"].type == "textual")
     assert textual.batcher._interactive
 
 
