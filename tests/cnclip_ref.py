@@ -59,7 +59,9 @@ def _stub_torchvision() -> None:
 def import_cn_clip():
     """Return the `cn_clip.clip` package (model code + tokenizer)."""
     if not (VENDOR / "cn_clip").is_dir():
-        raise RuntimeError("cn_clip is missing from tests/.vendor: run `bash scripts/test.sh`")
+        from conftest import MissingTool
+
+        raise MissingTool("cn_clip in tests/.vendor", "it installs the reference implementations")
     if str(VENDOR) not in sys.path:
         sys.path.insert(0, str(VENDOR))
     _stub_torchvision()

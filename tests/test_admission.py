@@ -68,6 +68,7 @@ class Pinger(threading.Thread):
             self.stop.wait(0.2)
 
 
+@pytest.mark.slow
 def test_200_concurrent_requests_are_all_answered_200(store):
     image = small_text_image()
     with server_process(store, MACHINE_LEARNING_REQUEST_THREADS="8") as (url, proc):
@@ -85,6 +86,7 @@ def test_200_concurrent_requests_are_all_answered_200(store):
     assert after - before < 400, f"peak RSS grew {after - before:.0f} MB under 200 queued requests"
 
 
+@pytest.mark.slow
 def test_slow_clients_trickling_bodies_do_not_take_a_real_requests_place(store):
     image = small_text_image()
     boundary = "slowclient"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cnclip_ref import TINY_CONFIG, import_cn_clip, install_tiny, tiny_model, vocab_path
-from conftest import FIXTURES, OCR_ENTRIES, encode, predict, settings_for, temp_settings
+from conftest import FIXTURES, OCR_ENTRIES, encode, predict, require_module, settings_for, temp_settings
 from fakehub import FakeHub
 from PIL import Image
 from starlette.testclient import TestClient
@@ -26,7 +26,7 @@ from immich_aio.models import clip as clip_model
 from immich_aio.models.clip import make_tokenizer
 from immich_aio.store import ModelStore, sha256_file
 
-torch = pytest.importorskip("torch", reason="torch is a test dependency (pip install -e '.[test]')")
+torch = require_module("torch")  # a test dependency: missing, the run fails saying how to install it
 
 SIZE = TINY_CONFIG["image_resolution"]
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)

@@ -40,6 +40,7 @@ FACES = {
     }
 }
 DEADLINE_S = 60
+pytestmark = pytest.mark.slow  # real servers, a stand-in hub, models exported at test time
 
 
 @pytest.fixture(scope="module")

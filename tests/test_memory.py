@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import OCR_ENTRIES, encode
+from conftest import OCR_ENTRIES, MissingTool, encode
 from live import ROOT, server_process
 
 from immich_aio import memory
@@ -28,7 +28,7 @@ JEMALLOC, MIMALLOC = ALLOC / "libjemalloc.so.2", ALLOC / "libmimalloc.so.2"
 @pytest.fixture(autouse=True)
 def _libraries():
     if not (JEMALLOC.is_file() and MIMALLOC.is_file()):
-        raise RuntimeError(f"{ALLOC} lacks the allocator libraries: run `bash scripts/test.sh` (it unpacks them)")
+        raise MissingTool(f"the allocator libraries in {ALLOC}", "it unpacks them")
 
 
 def served(url: str) -> str:

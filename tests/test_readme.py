@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = "\n".join(p.read_text() for p in sorted((ROOT / "immich_aio").rglob("*.py")))
+
+
+def _code_strings(path: Path) -> list[str]:
+    """The string constants a module's code uses (f-string parts included), docstrings and comments left out:
+    a setting named only in prose is not read by anything."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+SOURCES = "\n".join(text for p in sorted((ROOT / "immich_aio").rglob("*.py")) for text in _code_strings(p))
 # Named in the READMEs as Immich's own, not ours: the server's URL, the compose tag, and a setting we do not carry over.
 IMMICHS = {"IMMICH_MACHINE_LEARNING_URL", "IMMICH_VERSION", "MACHINE_LEARNING_WORKERS"}
 SETTING = re.compile(r"\b((?:IMMICH|MACHINE_LEARNING|MT_PHOTOS|HF|MODELSCOPE|INSIGHTFACE)_[A-Z0-9_]+)\b")
