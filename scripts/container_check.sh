@@ -100,13 +100,15 @@ from xenova_clip import combined_export, tiny_hf_model
 combined_export(tiny_hf_model(), Path(sys.argv[1]) / "model.onnx")
 PY
 cp tests/.vendor/cn_clip/clip/vocab.txt "$clip_src/vocab.txt"
+chmod -R a+rX "$clip_src" # mktemp's folder is the host user's alone; the server in the image runs as uid 1000
 "$DOCKER" cp "$clip_src/." "$NAME:/tmp/clip-src"
 rm -rf "$clip_src"
 "$DOCKER" exec "$NAME" python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is not None)' \
     || { say "FAIL: the image carries torch"; exit 1; }
 "$DOCKER" exec "$NAME" mkdir -p /tmp/clip-out
 split=$("$DOCKER" exec "$NAME" python -m immich_aio.download.clip_split /tmp/clip-src/model.onnx /tmp/clip-out \
-    /tmp/clip-src/vocab.txt 32 2>&1 | tail -1)
+    /tmp/clip-src/vocab.txt 32 2>&1) || true
+split=$(tail -n 1 <<<"$split")
 [[ $split == '{"embed_dim": 512}' ]] || { echo "$split"; say "FAIL: Chinese-CLIP's export is not split inside the image"; exit 1; }
 "$DOCKER" stop -t 20 "$NAME" >/dev/null
 code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$NAME")

@@ -459,12 +459,18 @@ def test_requests_during_repeated_reinstalls_never_mix_models(tmp_path, store, m
     install_tiny(ModelStore(store), tiny_a)
     client = make_client(MACHINE_LEARNING_REQUEST_THREADS="6")
     stop = threading.Event()
-    answers: list[tuple[str, np.ndarray]] = []
+    answers: list[tuple[str, object]] = []
 
-    def load():
+    def load():  # records what came back; every check is made in the test's own thread
         while not stop.is_set():
-            answers.append(("image", vec(predict(client, VISUAL, image=PHOTO))))
-            answers.append(("text", vec(predict(client, TEXT, text="海边的日落"))))
+            for kind, call in (
+                ("image", lambda: predict(client, VISUAL, image=PHOTO)),
+                ("text", lambda: predict(client, TEXT, text="海边的日落")),
+            ):
+                try:
+                    answers.append((kind, call()))
+                except Exception as e:  # judged below, not lost as a thread warning
+                    answers.append((kind, e))
 
     workers = [threading.Thread(target=load) for _ in range(3)]
     for w in workers:
@@ -476,9 +482,13 @@ def test_requests_during_repeated_reinstalls_never_mix_models(tmp_path, store, m
     stop.set()
     for w in workers:
         w.join(60)
+    assert all(not w.is_alive() for w in workers)
     assert len(answers) > 10
-    for kind, v in answers:
+    for kind, answer in answers:
+        assert not isinstance(answer, Exception), f"a {kind} request failed: {answer!r}"
+        assert answer.status_code == 200, answer.text
         index = 0 if kind == "image" else 1
+        v = vec(answer)
         assert any(np.allclose(v, ref[index], atol=1e-5) for ref in refs.values()), "a vector from neither model"
     # after the last install both towers answer with B
     np.testing.assert_allclose(vec(predict(client, VISUAL, image=PHOTO)), refs["b"][0], atol=1e-5)
