@@ -218,6 +218,7 @@ def test_thread_budget_defaults_and_overrides(monkeypatch):
     assert f.options().intra_op_num_threads == 8
 
 
+@pytest.mark.slow
 def test_ocr_lines_from_concurrent_requests_share_bucketed_runs(make_client):
     from conftest import FIXTURES
 

@@ -415,6 +415,7 @@ def _reference(tmp_path: Path, model, name: str) -> tuple[np.ndarray, np.ndarray
         return vec(predict(c, VISUAL, image=PHOTO)), vec(predict(c, TEXT, text="海边的日落"))
 
 
+@pytest.mark.slow
 def test_reinstall_switches_both_towers_and_running_work_finishes_on_the_old(
     tmp_path, store, make_client, tiny_a, tiny_b
 ):
@@ -454,6 +455,7 @@ def test_reinstall_switches_both_towers_and_running_work_finishes_on_the_old(
     assert sha == {t: manifest[f"{t}/model.onnx"]["sha256"] for t in ("visual", "textual")}
 
 
+@pytest.mark.slow
 def test_requests_during_repeated_reinstalls_never_mix_models(tmp_path, store, make_client, tiny_a, tiny_b):
     refs = {"a": _reference(tmp_path, tiny_a, "ref-a"), "b": _reference(tmp_path, tiny_b, "ref-b")}
     install_tiny(ModelStore(store), tiny_a)
@@ -552,6 +554,7 @@ def test_names_must_match_as_whole_strings(client, name):
 # --- class 13: disconnects and shutdown -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_with_a_backlog_answers_json_503_and_exits_0(store):
     image = (FIXTURES / "ocr" / "small_text_1440.jpg").read_bytes()
     with server_process(store, IMMICH_AIO_SHUTDOWN_GRACE_S="0.5", IMMICH_AIO_CONCURRENT_RUNS="1") as (url, proc):

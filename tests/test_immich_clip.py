@@ -180,6 +180,7 @@ def test_nllb_language_prefix(served, cache):
 # --- batching ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_requests_share_runs_and_batch1_exports_run_item_by_item(served):
     images = [encode(rgb, "PNG") for rgb in photos().values()]
     for family in ("openclip", "siglip"):

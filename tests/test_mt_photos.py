@@ -327,6 +327,7 @@ def test_search_from_mt_photos_takes_the_interactive_lane(mt, monkeypatch):
     assert textual.batcher._interactive
 
 
+@pytest.mark.slow
 def test_both_protocols_at_once_share_models_and_answer_correctly(mt):
     """Immich, its OCR fork and MT Photos hammering one server: every answer equals the one it gets alone."""
     images = [SIGN, (FIXTURES / "ocr" / "receipt.jpg").read_bytes(), photo_files()["astronaut"]]

@@ -127,6 +127,7 @@ def test_blank_photo_is_empty_200(client):
     assert r.json()["ocr"]["text"] == []
 
 
+@pytest.mark.slow
 def test_agrees_with_rapidocr_pipeline(results):
     """rapidocr's own RapidOCR() (bundled PP-OCRv6 small) reads the same lines at the same places."""
     from rapidocr import RapidOCR

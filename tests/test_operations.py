@@ -71,6 +71,7 @@ def test_server_errors_are_logged_once_at_error(client, store):
     )
 
 
+@pytest.mark.slow
 def test_one_banner_and_an_opt_in_access_log(store, tiny):
     install_tiny(ModelStore(store), tiny)
     with server_process(store, IMMICH_AIO_ACCESS_LOG="true") as (url, proc):
@@ -155,6 +156,7 @@ def test_load_failures_and_unloads_are_counted(make_client, store):
     assert ("unloaded", "detection", "PP-OCRv6_small") in events
 
 
+@pytest.mark.slow
 def test_per_model_ttl_keeps_the_search_encoder_warm_while_the_rest_unloads(store, make_client, tiny):
     install_tiny(ModelStore(store), tiny)
     client = make_client(

@@ -63,6 +63,7 @@ def post(url: str, name: str) -> httpx.Response:
     return httpx.post(url + "/predict", data={"entries": json.dumps(OCR_ENTRIES)}, files=files, timeout=120)
 
 
+@pytest.mark.slow
 def test_concurrent_requests_all_answered(server):
     url, _ = server
     names = ["receipt.jpg", "sign.jpg", "small_text_1440.jpg", "rotated.jpg"] * 3
@@ -76,6 +77,7 @@ def test_concurrent_requests_all_answered(server):
     assert all(len(v) == 1 for v in by_name.values())
 
 
+@pytest.mark.slow
 def test_ping_answers_while_every_worker_is_busy(server):
     url, _ = server
     post(url, "sign.jpg")  # models loaded
