@@ -29,7 +29,6 @@ MODEL_KEYS: dict[tuple[str, str], str] = {
     ("ocr", "detection"): "OCR__DETECTION",
     ("ocr", "recognition"): "OCR__RECOGNITION",
 }
-PRELOAD_KEYS = MODEL_KEYS
 TTL_PREFIX = "MACHINE_LEARNING_MODEL_TTL__"
 
 _LOG_LEVELS = {

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import CancelledError, Future
 from typing import TypeVar
@@ -24,7 +23,6 @@ class Job:
     def __init__(self, interactive: bool = False) -> None:
         self.seq = next(_sequence)  # admission order: smaller runs first
         self.interactive = interactive  # a person waiting (text search): skips the background queue
-        self.started = time.monotonic()
         self.ran = False  # a model run has started for it: a shutdown lets it finish
         self._cancelled = threading.Event()
         self._error: PredictError = ClientGone("the client closed the connection")

@@ -49,11 +49,6 @@ class Entry:
         return (self.task, self.type) in TEXT_INPUT
 
 
-def parse_entries(raw: str | bytes | None) -> list[Entry]:
-    """Validate `entries` and order it so every detection runs before its recognition."""
-    return entries_from(decode_entries(raw))
-
-
 def decode_entries(raw: str | bytes | None) -> dict[str, Any]:
     """The `entries` field as a JSON object; shape errors are 422, as upstream's validation."""
     if raw is None:

@@ -39,7 +39,6 @@ class _Slot:
     spec: ModelSpec | None = None
     identity: tuple[FileIdentity, ...] = ()
     files: dict[str, FileInfo] = field(default_factory=dict)  # recorded when loaded
-    loaded_at: float = 0.0
     last_used: float = 0.0
     pinned: bool = False
     requested: OrderedDict[str, None] = field(default_factory=OrderedDict)
@@ -140,7 +139,6 @@ class ModelRegistry:
                 model, loaded_identity, files = self._build(spec)
                 with self._lock:
                     slot.model, slot.spec, slot.identity, slot.files = model, spec, loaded_identity, files
-                    slot.loaded_at = time.time()
                 if old is not None:
                     log.info("%s/%s/%s was reinstalled: now serving the new files", *spec.key)
                     self._retire(old)
@@ -239,7 +237,6 @@ class ModelRegistry:
                     "requested": list(slot.requested),
                     "pinned": slot.pinned,
                     "files": dict(slot.files),
-                    "loadedAt": slot.loaded_at,
                 }
                 for slot in self._slots.values()
                 if slot.model is not None and slot.spec is not None

@@ -88,7 +88,6 @@ class Runtime:
         self.fetcher = AutoFetcher(self.store, settings.auto_fetch, on_event=self.metrics.download_event)
         self.jobs: set[Job] = set()  # admitted and not yet answered
         self._quiet = 0  # counts the moments the last request in flight was answered
-        self.trims = 0  # idle trims done, for tests and /metrics
         self.draining = False
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -147,7 +146,6 @@ class Runtime:
         """Still nothing in flight since that moment: give freed memory back (memory.trim), off the loop."""
         if quiet != self._quiet or self.jobs or self.draining:
             return
-        self.trims += 1
         with contextlib.suppress(RuntimeError):  # the executor has shut down
             self.executor.submit(memory.trim)
 

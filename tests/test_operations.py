@@ -180,3 +180,27 @@ def test_per_model_ttl_keeps_the_search_encoder_warm_while_the_rest_unloads(stor
     ttl = {m["type"]: m["ttlSeconds"] for m in client.get("/info").json()["models"]}
     assert ttl == {"textual": 0}
     np.testing.assert_equal(client.get("/ping").text, "pong")
+
+
+def test_the_banner_and_info_say_which_face_pack_answers(store):
+    """An installed pack is named as such, not 'no model installed' (issue 18)."""
+    from face_models import make_arcface, make_scrfd
+    from starlette.testclient import TestClient
+
+    from immich_aio.app import create_app
+    from immich_aio.runtime import Runtime
+
+    make_scrfd(store / "facial-recognition" / "buffalo_l" / "detection" / "model.onnx")
+    make_arcface(store / "facial-recognition" / "buffalo_l" / "recognition" / "model.onnx")
+    make_scrfd(store / "facial-recognition" / "antelopev2" / "detection" / "model.onnx")  # half a pack
+    from conftest import settings_for
+
+    settings = settings_for(store)
+    banner = Runtime(settings).banner()
+    assert "facial-recognition: buffalo_l answers buffalo_l (its own files)" in banner
+    assert "antelopev2" not in banner and "facial-recognition: no model installed" not in banner
+    with TestClient(create_app(settings)) as client:
+        info = client.get("/info").json()
+    assert info["answers"]["facial-recognition"] == {"buffalo_l": {"servedBy": "buffalo_l", "why": "its own files"}}
+    files = info["servedFiles"]["facial-recognition"]["buffalo_l"]
+    assert files["detection"]["path"] == "facial-recognition/buffalo_l/detection/model.onnx"

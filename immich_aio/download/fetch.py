@@ -37,6 +37,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from immich_aio.store import sha256_file
+
 CHUNK = 1 << 20
 
 MIRROR_HELP = (
@@ -291,7 +293,7 @@ def download(
     if total is not None and got > total:
         forget(dest)
         raise DownloadError(f"Download of {url} is longer than the {total} bytes announced; deleted it. {hint}")
-    digest = _sha256(part)
+    digest = sha256_file(part)
     if sha256 and digest != sha256.lower():
         forget(dest)
         raise DownloadError(
@@ -331,11 +333,3 @@ def _announced_total(response, have: int, resumed: bool) -> int | None:
             return int(total)
     length = response.headers.get("Content-Length")
     return have + int(length) if length and length.isdigit() else None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()

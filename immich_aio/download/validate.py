@@ -31,11 +31,6 @@ def load_onnx(path: Path):
         raise ValueError(f"ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from e
 
 
-def onnx_model(path: Path) -> None:
-    """Loadable by ONNX Runtime on the CPU."""
-    load_onnx(path)
-
-
 def zip_with(names: Iterable[str]) -> Validator:
     """A zip archive holding members with these file names (at any depth), intact."""
     wanted = set(names)

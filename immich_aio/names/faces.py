@@ -5,6 +5,8 @@ Pointing MACHINE_LEARNING_CACHE_FOLDER at an existing Immich ML cache serves its
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from immich_aio.errors import BadRequest, ModelMissing
 from immich_aio.models.base import ModelSpec, Resolver
 from immich_aio.models.faces import FaceDetector, FaceRecognizer
@@ -58,3 +60,22 @@ class FaceResolver(Resolver):
             name,
             watch=watch,
         )
+
+    def installed(self) -> list[str]:
+        """Packs in the store with both models (as served: a revision's folder where present)."""
+        return [
+            n
+            for n in self.store.names(FACES)
+            if all((self.store.folder(FACES, n) / t / "model.onnx").is_file() for t in (DETECTION, RECOGNITION))
+        ]
+
+    def aliases(self) -> dict[str, str]:
+        return {name: name for name in self.installed()}
+
+    def explain(self) -> dict[str, dict[str, str]]:
+        """Each installed pack answers its own name (for /info and the startup banner)."""
+        return {name: {"servedBy": name, "why": "its own files"} for name in self.installed()}
+
+    def files(self, served: str) -> dict[str, Path]:
+        folder = self.store.folder(FACES, served)
+        return {t: folder / t / "model.onnx" for t in (DETECTION, RECOGNITION) if (folder / t / "model.onnx").is_file()}
