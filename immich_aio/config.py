@@ -46,6 +46,11 @@ _HOSTNAME = re.compile(
 )
 
 
+def default_request_threads() -> int:
+    """Request threads mostly wait on batched runs, so there are more of them than cores."""
+    return max(16, 4 * (os.cpu_count() or 2))
+
+
 class ConfigError(ValueError):
     """A variable holds a value that cannot be used; the message names it and says what is accepted."""
 
@@ -120,12 +125,12 @@ def _parse_aliases(env: _Env) -> dict[str, str]:
     return aliases
 
 
-def _parse_allocator(env: _Env) -> str:
+def _parse_allocator(env: _Env, default: str) -> str:
     """auto, jemalloc, mimalloc, glibc, or an absolute path to the library (checked when the server starts)."""
     raw = env.raw("IMMICH_AIO_ALLOCATOR")
     if raw is not None and raw.startswith("/"):
         return raw
-    return env.choice("IMMICH_AIO_ALLOCATOR", "auto", memory.CHOICES)
+    return env.choice("IMMICH_AIO_ALLOCATOR", default, memory.CHOICES)
 
 
 def _parse_api_key(env: _Env) -> str | None:
@@ -146,26 +151,26 @@ def _parse_api_key(env: _Env) -> str | None:
 _CN_CLIP_ARCHS = {"ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "RN50"}
 
 
-def _mt_clip_model(env: _Env) -> str:
+def _mt_clip_model(env: _Env, default: str) -> str:
     """Which CLIP model answers MT Photos: a name resolved as Immich's are; cn_clip's arch names (the official
     service's CLIP_MODEL values, e.g. ViT-B-16) mean the CN-CLIP model of that arch."""
     for var in ("IMMICH_AIO_MT_CLIP_MODEL", "CLIP_MODEL"):
         raw = env.raw(var)
         if raw is not None:
             return f"CN-CLIP-{raw}" if raw in _CN_CLIP_ARCHS else env.model_name(var, raw)
-    return "ViT-B-32__openai"  # what answers Immich by default
+    return default  # what answers Immich by default
 
 
-def _parse_revision(env: _Env) -> str:
+def _parse_revision(env: _Env, default: str) -> str:
     """Immich 3.3's model revision: `main` (the exports every earlier release used) or e.g. `v2`, a folder level."""
-    raw = env.raw("MACHINE_LEARNING_MODEL_REVISION") or "main"
+    raw = env.raw("MACHINE_LEARNING_MODEL_REVISION") or default
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", raw) or ".." in raw:
         raise ConfigError(f"MACHINE_LEARNING_MODEL_REVISION must be a revision name such as main or v2, got {raw!r}")
     return raw
 
 
-def _parse_host(env: _Env) -> str:
-    host = env.raw("IMMICH_HOST") or "[::]"
+def _parse_host(env: _Env, default: str) -> str:
+    host = env.raw("IMMICH_HOST") or default
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         ipaddress.ip_address(bare)
@@ -202,7 +207,7 @@ class Settings:
     model_ttl: float = 300.0
     model_ttls: dict[tuple[str, str], float] = field(default_factory=dict)
     model_ttl_poll_s: float = 10.0
-    request_threads: int = 16
+    request_threads: int = field(default_factory=lambda: default_request_threads())
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     model_arena: bool = False
@@ -246,8 +251,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = _Env(os.environ if environ is None else environ)
-        cpu_count = os.cpu_count() or 2
-        log_level = (env.raw("IMMICH_LOG_LEVEL") or "info").lower()
+        log_level = (env.raw("IMMICH_LOG_LEVEL") or cls.log_level).lower()
         if log_level not in _LOG_LEVELS:
             raise ConfigError(f"IMMICH_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
         preload = {
@@ -256,75 +260,86 @@ class Settings:
             if (names := env.names(f"MACHINE_LEARNING_PRELOAD__{suffix}"))
         }
         # Upstream: a TTL <= 0 disables unloading.
-        model_ttl = max(0.0, env.number("MACHINE_LEARNING_MODEL_TTL", 300.0, -1e9, 1e9))
-        max_pixels = env.integer("IMMICH_AIO_MAX_PIXELS", 100_000_000, 1024, 1_000_000_000)
-        budget_mp = env.number("IMMICH_AIO_DECODE_BUDGET_MP", 0, 0, 10_000)
+        model_ttl = max(0.0, env.number("MACHINE_LEARNING_MODEL_TTL", cls.model_ttl, -1e9, 1e9))
+        max_pixels = env.integer("IMMICH_AIO_MAX_PIXELS", cls.max_pixels, 1024, 1_000_000_000)
+        budget_mp = env.number("IMMICH_AIO_DECODE_BUDGET_MP", cls.decode_budget_pixels / 1e6, 0, 10_000)
         if 0 < budget_mp < 1:
             raise ConfigError(f"IMMICH_AIO_DECODE_BUDGET_MP must be 0 (automatic) or at least 1, got {budget_mp:g}")
         return cls(
-            host=_parse_host(env),
-            port=env.integer("IMMICH_PORT", 3003, 1, 65535),
+            host=_parse_host(env, cls.host),
+            port=env.integer("IMMICH_PORT", cls.port, 1, 65535),
             log_level=_LOG_LEVELS[log_level],
-            access_log=env.boolean("IMMICH_AIO_ACCESS_LOG", False),
-            cache_folder=Path(env.raw("MACHINE_LEARNING_CACHE_FOLDER") or "models").expanduser(),
+            access_log=env.boolean("IMMICH_AIO_ACCESS_LOG", cls.access_log),
+            cache_folder=Path(env.raw("MACHINE_LEARNING_CACHE_FOLDER") or cls.cache_folder).expanduser(),
             model_ttl=model_ttl,
             model_ttls=_parse_ttls(env, model_ttl),
-            model_ttl_poll_s=env.number("MACHINE_LEARNING_MODEL_TTL_POLL_S", 10.0, 0.01, 86400),
-            # Request threads mostly wait on batched runs, so there are more of them than cores.
-            request_threads=env.integer("MACHINE_LEARNING_REQUEST_THREADS", max(16, 4 * cpu_count), 1, 1024),
-            intra_op_threads=env.integer("MACHINE_LEARNING_MODEL_INTRA_OP_THREADS", 0, 0, 1024),
-            inter_op_threads=env.integer("MACHINE_LEARNING_MODEL_INTER_OP_THREADS", 0, 0, 1024),
-            model_arena=env.boolean("MACHINE_LEARNING_MODEL_ARENA", False),
-            device_id=env.integer("MACHINE_LEARNING_DEVICE_ID", 0, 0, 1024),
+            model_ttl_poll_s=env.number("MACHINE_LEARNING_MODEL_TTL_POLL_S", cls.model_ttl_poll_s, 0.01, 86400),
+            request_threads=env.integer("MACHINE_LEARNING_REQUEST_THREADS", default_request_threads(), 1, 1024),
+            intra_op_threads=env.integer("MACHINE_LEARNING_MODEL_INTRA_OP_THREADS", cls.intra_op_threads, 0, 1024),
+            inter_op_threads=env.integer("MACHINE_LEARNING_MODEL_INTER_OP_THREADS", cls.inter_op_threads, 0, 1024),
+            model_arena=env.boolean("MACHINE_LEARNING_MODEL_ARENA", cls.model_arena),
+            device_id=env.integer("MACHINE_LEARNING_DEVICE_ID", cls.device_id, 0, 1024),
             providers=tuple(_as_list(env.raw("IMMICH_AIO_PROVIDERS"))),
             preload=preload,
-            max_upload_bytes=int(env.number("IMMICH_AIO_MAX_UPLOAD_MB", 64, 0.01, 1024) * 1024 * 1024),
+            max_upload_bytes=int(
+                env.number("IMMICH_AIO_MAX_UPLOAD_MB", cls.max_upload_bytes / 2**20, 0.01, 1024) * 2**20
+            ),
             max_pixels=max_pixels,
             # Decoded images held at once; one image larger than the budget still runs, alone.
             decode_budget_pixels=round(budget_mp * 1_000_000),
-            decode_wait_s=env.number("IMMICH_AIO_DECODE_WAIT_S", 120.0, 0.1, 3600),
+            decode_wait_s=env.number("IMMICH_AIO_DECODE_WAIT_S", cls.decode_wait_s, 0.1, 3600),
             ocr_default_model=env.model_name(
-                "IMMICH_AIO_OCR_MODEL", env.raw("IMMICH_AIO_OCR_MODEL") or "PP-OCRv6_small"
+                "IMMICH_AIO_OCR_MODEL", env.raw("IMMICH_AIO_OCR_MODEL") or cls.ocr_default_model
             ),
-            ocr_max_side=env.integer("IMMICH_AIO_OCR_MAX_SIDE", 2560, 256, 16384),
-            ocr_max_batch=env.integer("MACHINE_LEARNING_MAX_BATCH_SIZE__OCR", 16, 1, 1024),
-            face_max_batch=env.integer("MACHINE_LEARNING_MAX_BATCH_SIZE__FACIAL_RECOGNITION", 32, 1, 1024),
+            ocr_max_side=env.integer("IMMICH_AIO_OCR_MAX_SIDE", cls.ocr_max_side, 256, 16384),
+            ocr_max_batch=env.integer("MACHINE_LEARNING_MAX_BATCH_SIZE__OCR", cls.ocr_max_batch, 1, 1024),
+            face_max_batch=env.integer(
+                "MACHINE_LEARNING_MAX_BATCH_SIZE__FACIAL_RECOGNITION", cls.face_max_batch, 1, 1024
+            ),
             clip_aliases=_parse_aliases(env),
-            batch_max_size=env.integer("IMMICH_AIO_BATCH_MAX_SIZE", 0, 0, 1024),
-            batch_max_wait_ms=env.number("IMMICH_AIO_BATCH_MAX_WAIT_MS", 0.0, 0, 1000),
-            concurrent_runs=env.integer("IMMICH_AIO_CONCURRENT_RUNS", 0, 0, 256),
-            keepalive_s=env.number("MACHINE_LEARNING_HTTP_KEEPALIVE_TIMEOUT_S", 2.0, 0.1, 3600),
-            header_timeout_s=env.number("IMMICH_AIO_HEADER_TIMEOUT_S", 10.0, 0.1, 3600),
-            body_timeout_s=env.number("IMMICH_AIO_BODY_TIMEOUT_S", 60.0, 0.1, 3600),
-            max_connections=env.integer("IMMICH_AIO_MAX_CONNECTIONS", 1000, 8, 100_000),
+            batch_max_size=env.integer("IMMICH_AIO_BATCH_MAX_SIZE", cls.batch_max_size, 0, 1024),
+            batch_max_wait_ms=env.number("IMMICH_AIO_BATCH_MAX_WAIT_MS", cls.batch_max_wait_ms, 0, 1000),
+            concurrent_runs=env.integer("IMMICH_AIO_CONCURRENT_RUNS", cls.concurrent_runs, 0, 256),
+            keepalive_s=env.number("MACHINE_LEARNING_HTTP_KEEPALIVE_TIMEOUT_S", cls.keepalive_s, 0.1, 3600),
+            header_timeout_s=env.number("IMMICH_AIO_HEADER_TIMEOUT_S", cls.header_timeout_s, 0.1, 3600),
+            body_timeout_s=env.number("IMMICH_AIO_BODY_TIMEOUT_S", cls.body_timeout_s, 0.1, 3600),
+            max_connections=env.integer("IMMICH_AIO_MAX_CONNECTIONS", cls.max_connections, 8, 100_000),
             # An optional cap on requests admitted at once; by default admission goes by memory and disk left.
-            max_queued=env.integer("IMMICH_AIO_MAX_QUEUED", 0, 0, 1_000_000),
+            max_queued=env.integer("IMMICH_AIO_MAX_QUEUED", cls.max_queued, 0, 1_000_000),
             # Low on purpose: a queued request holds at most 2 MB of memory, and a small NAS runs with little
             # memory available; below this the kernel's OOM killer is near, and refusing is the kinder answer.
-            memory_reserve_bytes=int(env.number("IMMICH_AIO_MEMORY_RESERVE_MB", 64, 0, 1 << 20) * 2**20),
-            disk_reserve_bytes=int(env.number("IMMICH_AIO_DISK_RESERVE_MB", 64, 0, 1 << 30) * 2**20),
-            shutdown_grace_s=env.number("IMMICH_AIO_SHUTDOWN_GRACE_S", 8.0, 0, 3600),
-            clip_reduced_decode=env.boolean("IMMICH_AIO_CLIP_REDUCED_DECODE", False),
-            auto_fetch=env.boolean("IMMICH_AIO_AUTO_FETCH", True) and not env.boolean("HF_HUB_OFFLINE", False),
-            auto_fetch_clip=env.choice("IMMICH_AIO_AUTO_FETCH_CLIP", "chinese", ("chinese", "immich")),
+            memory_reserve_bytes=int(
+                env.number("IMMICH_AIO_MEMORY_RESERVE_MB", cls.memory_reserve_bytes / 2**20, 0, 1 << 20) * 2**20
+            ),
+            disk_reserve_bytes=int(
+                env.number("IMMICH_AIO_DISK_RESERVE_MB", cls.disk_reserve_bytes / 2**20, 0, 1 << 30) * 2**20
+            ),
+            shutdown_grace_s=env.number("IMMICH_AIO_SHUTDOWN_GRACE_S", cls.shutdown_grace_s, 0, 3600),
+            clip_reduced_decode=env.boolean("IMMICH_AIO_CLIP_REDUCED_DECODE", cls.clip_reduced_decode),
+            auto_fetch=env.boolean("IMMICH_AIO_AUTO_FETCH", cls.auto_fetch)
+            and not env.boolean("HF_HUB_OFFLINE", False),
+            auto_fetch_clip=env.choice("IMMICH_AIO_AUTO_FETCH_CLIP", cls.auto_fetch_clip, ("chinese", "immich")),
             # Below the Immich server's 300 s (undici's headers timeout): room for the load and the run after it.
-            fetch_wait_s=env.number("IMMICH_AIO_FETCH_WAIT_S", 240.0, 1, 290),
-            fetch_wait_text_s=env.number("IMMICH_AIO_FETCH_WAIT_TEXT_S", 20.0, 1, 290),
-            model_revision=_parse_revision(env),
-            allocator=_parse_allocator(env),
+            fetch_wait_s=env.number("IMMICH_AIO_FETCH_WAIT_S", cls.fetch_wait_s, 1, 290),
+            fetch_wait_text_s=env.number("IMMICH_AIO_FETCH_WAIT_TEXT_S", cls.fetch_wait_text_s, 1, 290),
+            model_revision=_parse_revision(env, cls.model_revision),
+            allocator=_parse_allocator(env, cls.allocator),
             mt_api_key=_parse_api_key(env),
-            mt_clip_model=_mt_clip_model(env),
-            mt_clip_swap_rb=env.boolean("IMMICH_AIO_MT_CLIP_SWAP_RB", False),
+            mt_clip_model=_mt_clip_model(env, cls.mt_clip_model),
+            mt_clip_swap_rb=env.boolean("IMMICH_AIO_MT_CLIP_SWAP_RB", cls.mt_clip_swap_rb),
             mt_face_model=env.model_name(
                 "IMMICH_AIO_MT_FACE_MODEL",
-                env.raw("IMMICH_AIO_MT_FACE_MODEL") or env.raw("RECOGNITION_MODEL") or "buffalo_l",
+                env.raw("IMMICH_AIO_MT_FACE_MODEL") or env.raw("RECOGNITION_MODEL") or cls.mt_face_model,
             ),
             mt_face_threshold=env.number(
-                "IMMICH_AIO_MT_FACE_THRESHOLD", env.number("DETECTION_THRESH", 0.65, 0.0, 1.0), 0.0, 1.0
+                "IMMICH_AIO_MT_FACE_THRESHOLD",
+                env.number("DETECTION_THRESH", cls.mt_face_threshold, 0.0, 1.0),
+                0.0,
+                1.0,
             ),
             mt_ocr_model=env.model_name(
                 "IMMICH_AIO_MT_OCR_MODEL",
-                env.raw("IMMICH_AIO_MT_OCR_MODEL") or env.raw("IMMICH_AIO_OCR_MODEL") or "PP-OCRv6_small",
+                env.raw("IMMICH_AIO_MT_OCR_MODEL") or env.raw("IMMICH_AIO_OCR_MODEL") or cls.mt_ocr_model,
             ),
         )
 

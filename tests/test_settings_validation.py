@@ -88,3 +88,10 @@ def test_good_values_are_taken():
     assert s.ttl_for("ocr", "detection") == 30
     assert s.ttl_for("clip", "visual") == 0  # the default, which is disabled here
     assert s.access_log is True
+
+
+def test_each_default_is_stated_once():
+    """An empty environment gives exactly the dataclass's defaults: the two cannot drift apart (issue 18)."""
+    from immich_aio.config import Settings
+
+    assert Settings.from_env({}) == Settings()

@@ -18,7 +18,7 @@ from immich_aio.errors import BadRequest
 from immich_aio.jobs import Job
 from immich_aio.models.base import Model, Payload
 from immich_aio.protocol import DETECTION, OCR, RECOGNITION, option_float
-from immich_aio.sessions import SessionProfile
+from immich_aio.sessions import SessionFactory, SessionProfile
 
 REC_HEIGHT = 48
 # Line images are padded to one of a few canvas widths, so a GPU sees few distinct shapes and lines
@@ -85,7 +85,10 @@ def charset(model: Path, metadata: dict[str, str]) -> list[str]:
 
 class OcrDetector(Model):
     task, type = OCR, DETECTION
-    max_side = 2560  # IMMICH_AIO_OCR_MAX_SIDE, set by the resolver
+
+    def __init__(self, name: str, files: dict[str, Path], factory: SessionFactory, max_side: int) -> None:
+        super().__init__(name, files, factory)
+        self.max_side = max_side  # IMMICH_AIO_OCR_MAX_SIDE: the detector input's longest side
 
     def load(self) -> None:
         from rapidocr.ch_ppocr_det.utils import DBPostProcess

@@ -78,9 +78,7 @@ def store_folder(name: str, type_: str) -> str:
 class OcrResolver(Resolver):
     task = OCR
 
-    def __init__(
-        self, store: ModelStore, factory: SessionFactory, default: str, max_batch: int, max_side: int = 2560
-    ) -> None:
+    def __init__(self, store: ModelStore, factory: SessionFactory, default: str, max_batch: int, max_side: int) -> None:
         self.store = store
         self.factory = factory
         self.default = clean_name(default)
@@ -117,9 +115,7 @@ class OcrResolver(Resolver):
 
     def _build(self, type_: str, served: str, path: Path) -> Model:
         if type_ == DETECTION:
-            model: Model = OcrDetector(served, {"model": path}, self.factory)
-            model.max_side = self.max_side
-            return model
+            return OcrDetector(served, {"model": path}, self.factory, max_side=self.max_side)
         return OcrRecognizer(served, {"model": path}, self.factory, max_batch=self.max_batch)
 
     def _spec(self, type_: str, served: str, files: dict[str, Path], requested: str) -> ModelSpec:
