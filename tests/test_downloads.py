@@ -289,3 +289,17 @@ def test_an_install_removes_what_a_killed_install_of_the_same_model_left(tmp_pat
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in kept)
     assert (clip / "CN-CLIP-ViT-B-16" / "config.json").is_file()
+
+
+def test_the_downloaders_import_no_model_code():
+    """`immich-aio models` and the name catalogues load neither ONNX Runtime nor OpenCV (issue 18's layering)."""
+    modules = ["cli", "clip", "ocr", "faces", "hf", "fetch", "install", "validate"]
+    code = (
+        "import sys\n"
+        + "".join(f"import immich_aio.download.{m}\n" for m in modules)
+        + "import immich_aio.names.catalog, immich_aio.names.fetchable\n"
+        + "heavy = [m for m in ('onnxruntime', 'cv2', 'torch') if m in sys.modules]\n"
+        + "print(heavy)\nsys.exit(1 if heavy else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -219,7 +219,7 @@ IMMICH_PATTERNS = ("config.json", "visual/*", "textual/*")
 
 def fetch_immich(store: ModelStore, requested: str) -> Path:
     """Immich's own CLIP model `immich-app/<name>` from Hugging Face (HF_ENDPOINT honoured), checked, whole."""
-    from immich_aio.names.clip import IMMICH_CLIP_DIMS
+    from immich_aio.names.catalog import IMMICH_CLIP_DIMS
 
     name = clean_name(requested)
     if name not in IMMICH_CLIP_DIMS:

@@ -14,7 +14,7 @@ from pathlib import Path
 from immich_aio.download.fetch import download, forget, say
 from immich_aio.download.install import staged
 from immich_aio.download.validate import load_onnx
-from immich_aio.names.ocr import IMMICH_NAMES, store_folder
+from immich_aio.names.catalog import IMMICH_NAMES, store_folder
 from immich_aio.protocol import DETECTION, OCR, RECOGNITION
 from immich_aio.store import ModelStore, sha256_file
 

@@ -11,11 +11,10 @@ from immich_aio.errors import BadRequest, ModelMissing
 from immich_aio.models.base import ModelSpec, Resolver
 from immich_aio.models.faces import FaceDetector, FaceRecognizer
 from immich_aio.names import fetchable
+from immich_aio.names.catalog import PACKS
 from immich_aio.protocol import DETECTION, FACES, RECOGNITION
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import ModelStore, clean_name
-
-PACKS = ("buffalo_l", "buffalo_m", "buffalo_s", "antelopev2")
 
 
 def fetch_hint(pack: str) -> str:

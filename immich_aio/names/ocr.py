@@ -21,30 +21,12 @@ from immich_aio.errors import BadRequest, ModelMissing
 from immich_aio.models.base import Model, ModelSpec, Resolver
 from immich_aio.models.ocr import OcrDetector, OcrRecognizer, bundled_model_dir
 from immich_aio.names import fetchable
+from immich_aio.names.catalog import BUNDLED, IMMICH_NAMES, store_folder
 from immich_aio.protocol import DETECTION, OCR, RECOGNITION
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import FileIdentity, ModelStore, clean_name, file_identity
 
-BUNDLED = "PP-OCRv6_small"
 BUNDLED_FILES = {DETECTION: "PP-OCRv6_det_small.onnx", RECOGNITION: "PP-OCRv6_rec_small.onnx"}
-
-IMMICH_NAMES = (
-    "PP-OCRv5_server",
-    "PP-OCRv5_mobile",
-    "CH__PP-OCRv5_server",
-    "CH__PP-OCRv5_mobile",
-    "EL__PP-OCRv5_mobile",
-    "EN__PP-OCRv5_mobile",
-    "ESLAV__PP-OCRv5_mobile",
-    "KOREAN__PP-OCRv5_mobile",
-    "LATIN__PP-OCRv5_mobile",
-    "TH__PP-OCRv5_mobile",
-    # Immich's PP-OCRv6 work (closed upstream, and its model-export repository) uses these names.
-    "PP-OCRv6_tiny",
-    "PP-OCRv6_small",
-    "PP-OCRv6_medium",
-)
-
 
 # Sample text of each language prefix Immich uses: the script a recogniser must hold to answer the name.
 SCRIPT_SAMPLES = {
@@ -68,11 +50,6 @@ def _charset(path: Path) -> frozenset[str]:
         return frozenset(meta["character"].splitlines())
     beside = path.with_name("charset.txt")
     return frozenset(beside.read_text(encoding="utf-8").splitlines()) if beside.is_file() else frozenset()
-
-
-def store_folder(name: str, type_: str) -> str:
-    """Immich's layout: detection drops the language prefix (shared detector), recognition keeps it."""
-    return name.split("__")[-1] if type_ == DETECTION else name
 
 
 class OcrResolver(Resolver):
