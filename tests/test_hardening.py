@@ -568,9 +568,16 @@ def test_sigterm_with_a_backlog_answers_json_503_and_exits_0(store):
                 return e
 
         assert post().status_code == 200
+
+        def in_flight() -> float:
+            metrics = httpx.get(url + "/metrics", timeout=10).text
+            line = next(ln for ln in metrics.splitlines() if ln.startswith("immich_aio_requests_in_flight "))
+            return float(line.split()[1])
+
         with ThreadPoolExecutor(10) as pool:
             futures = [pool.submit(post) for _ in range(10)]
-            time.sleep(1.0)
+            # all ten admitted: one run at a time cannot finish ten 1440-px OCRs within the 0.5 s grace
+            wait_for(lambda: in_flight() >= 10, "ten requests in flight", 30)
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.2)
             late = post()

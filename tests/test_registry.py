@@ -123,13 +123,14 @@ def test_failed_load_is_not_cached():
 
 def test_real_ttl_unload_frees_ort_session(make_client):
     """Through the server: after the TTL the OCR sessions are gone (weakly referenced) and /info is empty."""
-    # The TTL leaves room for the recogniser to load and run while the detector waits idle.
-    client = make_client(MACHINE_LEARNING_MODEL_TTL="1.5", MACHINE_LEARNING_MODEL_TTL_POLL_S="0.1")
+    # No TTL while the request runs (however long the loads take), a short one once both models are in.
+    client = make_client(MACHINE_LEARNING_MODEL_TTL="0", MACHINE_LEARNING_MODEL_TTL_POLL_S="0.1")
     img = encode(__import__("numpy").full((64, 64, 3), 255, "uint8"))
     assert predict(client, OCR_ENTRIES, image=img).status_code == 200
     runtime = client.app.state.runtime
     refs = [weakref.ref(e["model"].session) for e in runtime.registry.loaded()]
     assert len(refs) == 2 and all(r() is not None for r in refs)
+    runtime.registry._ttl_for = lambda task, type_: 0.2
     deadline = time.monotonic() + 10
     while runtime.registry.loaded() and time.monotonic() < deadline:
         time.sleep(0.05)
