@@ -67,19 +67,20 @@ async def run_pipeline(
     request waits here, on the event loop (holding no worker thread), and the entries run again once it lands; the
     common path, every model installed, pays nothing for this."""
     rt: Runtime = request.app.state.runtime
-    for attempt in range(len(entries) + 1):
+    fetched = 0  # at most one download per entry; then the pipeline's own answer stands
+    while True:
         try:
             return await run_job(request, job, pipeline.run, rt.engine, job, entries, image, text)
         except ModelMissing as e:
-            if not rt.fetcher.enabled or not isinstance(e.plan, FetchPlan) or attempt == len(entries):
+            if not rt.fetcher.enabled or not isinstance(e.plan, FetchPlan) or fetched == len(entries):
                 raise
+            fetched += 1
             plan, requested = e.plan, e.requested or e.plan.target
             wait = rt.settings.fetch_wait_text_s if job.interactive else rt.settings.fetch_wait_s
             try:
                 await _unless_client_leaves(request, job, rt.fetcher.obtain(plan, requested, job, wait))
             except PredictError as err:
                 raise err.about(e.task or "", e.type or "", requested, plan.target) from None
-    raise AssertionError("unreachable")
 
 
 async def _unless_client_leaves(request: Request, job: Job, awaitable: Awaitable[T]) -> T:

@@ -205,11 +205,12 @@ class AutoFetcher:
                 log.info("%s is being installed by %s; waiting for it", plan.key, holder)
             return True
 
-        counted = {"bytes": 0}
+        earlier_files = 0  # bytes of the files this attempt fetched before the current one
 
         def report(file: str, done: int, total: int | None) -> None:
+            nonlocal earlier_files
             if file != download.file:
-                counted["bytes"] += download.done
+                earlier_files += download.done
                 download.file, download._logged_quarter = file, 0
             download.state, download.done, download.total = "downloading", done, total
             quarter = int(4 * done / total) if total else 0
@@ -235,7 +236,7 @@ class AutoFetcher:
             download.state = "failed"
             download.retry_at = time.monotonic() + delay
             download.finished = time.time()
-            self.on_event("failed", plan, counted["bytes"] + download.done)
+            self.on_event("failed", plan, earlier_files + download.done)
             log.error(
                 "Fetching %s failed after %.0f s: %s. Requests for it get a 503 saying so; the next attempt starts "
                 "with a request after %.0f s. By hand: `%s`",
@@ -251,7 +252,7 @@ class AutoFetcher:
             # Should the install not make the name servable (a store laid out otherwise), requests get the
             # resolver's own answer instead of starting the same install again and again.
             download.retry_at = time.monotonic() + self.retry_first_s
-            self.on_event("installed", plan, counted["bytes"] + download.done)
+            self.on_event("installed", plan, earlier_files + download.done)
             log.info(
                 "Installed %s in %.0f s (fetched on first use from %s)",
                 plan.key,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from immich_aio import memory
 from immich_aio.errors import BadRequest
+from immich_aio.names.fetchable import CLIP_CHOICES
 from immich_aio.store import clean_name
 
 # (task, type) pairs with the env suffix upstream uses for each (preload, per-model TTL).
@@ -318,7 +319,7 @@ class Settings:
             clip_reduced_decode=env.boolean("IMMICH_AIO_CLIP_REDUCED_DECODE", cls.clip_reduced_decode),
             auto_fetch=env.boolean("IMMICH_AIO_AUTO_FETCH", cls.auto_fetch)
             and not env.boolean("HF_HUB_OFFLINE", False),
-            auto_fetch_clip=env.choice("IMMICH_AIO_AUTO_FETCH_CLIP", cls.auto_fetch_clip, ("chinese", "immich")),
+            auto_fetch_clip=env.choice("IMMICH_AIO_AUTO_FETCH_CLIP", cls.auto_fetch_clip, CLIP_CHOICES),
             # Below the Immich server's 300 s (undici's headers timeout): room for the load and the run after it.
             fetch_wait_s=env.number("IMMICH_AIO_FETCH_WAIT_S", cls.fetch_wait_s, 1, 290),
             fetch_wait_text_s=env.number("IMMICH_AIO_FETCH_WAIT_TEXT_S", cls.fetch_wait_text_s, 1, 290),

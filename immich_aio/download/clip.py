@@ -27,6 +27,7 @@ from immich_aio.download.fetch import (
 )
 from immich_aio.download.install import staged
 from immich_aio.download.validate import torch_checkpoint, vocabulary
+from immich_aio.names.fetchable import CHINESE_ONNX_REPOS
 from immich_aio.protocol import CLIP
 from immich_aio.store import ModelStore, clean_name
 
@@ -84,12 +85,10 @@ class OnnxRelease:
 # Commits: the ones the Hub showed for the ViT-L repos' `onnx/` folders (2025). For ViT-B-16 only an abbreviated
 # id (3100d72) could be read from here; it follows `main`, and the commit fetched is recorded in config.json.
 ONNX_RELEASES: dict[str, OnnxRelease] = {
-    "ViT-B-16": OnnxRelease("Xenova/chinese-clip-vit-base-patch16", "main", 224, 512),
-    "ViT-L-14": OnnxRelease(
-        "Xenova/chinese-clip-vit-large-patch14", "d5830db712737ffee8eb3e4511b4153891da323a", 224, 768
-    ),
+    "ViT-B-16": OnnxRelease(CHINESE_ONNX_REPOS["ViT-B-16"], "main", 224, 512),
+    "ViT-L-14": OnnxRelease(CHINESE_ONNX_REPOS["ViT-L-14"], "d5830db712737ffee8eb3e4511b4153891da323a", 224, 768),
     "ViT-L-14-336": OnnxRelease(
-        "Xenova/chinese-clip-vit-large-patch14-336px", "c1fa1b6a8082d7fdde95bd87d763448249cbfe46", 336, 768
+        CHINESE_ONNX_REPOS["ViT-L-14-336"], "c1fa1b6a8082d7fdde95bd87d763448249cbfe46", 336, 768
     ),
 }
 # Which file of the export each precision takes; fp32 is the default because only it gives cn_clip's vectors.

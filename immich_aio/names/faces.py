@@ -35,11 +35,9 @@ class FaceResolver(Resolver):
 
     def resolve(self, type_: str, requested: str) -> ModelSpec:
         name = clean_name(requested)
-        path = self.store.folder(FACES, name) / type_ / "model.onnx"
+        path = self._model(name, type_)
         if not path.is_file():
-            installed = [
-                n for n in self.store.names(FACES) if (self.store.folder(FACES, n) / type_ / "model.onnx").is_file()
-            ]
+            installed = [n for n in self.store.names(FACES) if self._model(n, type_).is_file()]
             listing = ", ".join(installed) or "none"
             if name in PACKS:
                 raise ModelMissing(
@@ -50,7 +48,7 @@ class FaceResolver(Resolver):
             raise BadRequest(f"Unknown face model {requested!r}; installed: {listing}; known packs: {', '.join(PACKS)}")
         cls = FaceDetector if type_ == DETECTION else FaceRecognizer
         # A pack is one installation: replacing it switches detector and recogniser together.
-        watch = tuple(self.store.folder(FACES, name) / t / "model.onnx" for t in (DETECTION, RECOGNITION))
+        watch = tuple(self._model(name, t) for t in (DETECTION, RECOGNITION))
         return ModelSpec(
             FACES,
             type_,
@@ -60,12 +58,14 @@ class FaceResolver(Resolver):
             watch=watch,
         )
 
+    def _model(self, pack: str, type_: str) -> Path:
+        """A pack's model file as served (a revision's folder where present)."""
+        return self.store.folder(FACES, pack) / type_ / "model.onnx"
+
     def installed(self) -> list[str]:
-        """Packs in the store with both models (as served: a revision's folder where present)."""
+        """Packs in the store with both models."""
         return [
-            n
-            for n in self.store.names(FACES)
-            if all((self.store.folder(FACES, n) / t / "model.onnx").is_file() for t in (DETECTION, RECOGNITION))
+            n for n in self.store.names(FACES) if all(self._model(n, t).is_file() for t in (DETECTION, RECOGNITION))
         ]
 
     def aliases(self) -> dict[str, str]:
@@ -76,5 +76,4 @@ class FaceResolver(Resolver):
         return {name: {"servedBy": name, "why": "its own files"} for name in self.installed()}
 
     def files(self, served: str) -> dict[str, Path]:
-        folder = self.store.folder(FACES, served)
-        return {t: folder / t / "model.onnx" for t in (DETECTION, RECOGNITION) if (folder / t / "model.onnx").is_file()}
+        return {t: self._model(served, t) for t in (DETECTION, RECOGNITION) if self._model(served, t).is_file()}
