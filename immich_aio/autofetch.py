@@ -29,8 +29,9 @@ from typing import Any
 
 from immich_aio.errors import ServiceUnavailable
 from immich_aio.jobs import Job
-from immich_aio.names.fetchable import CLIP_TASK, FACES_TASK, FetchPlan
+from immich_aio.names.fetchable import FetchPlan
 from immich_aio.store import ModelStore
+from immich_aio.tasks import CLIP, FACES
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class AutoFetcher:
 
         plan = download.plan
         started = time.monotonic()
-        if plan.task == CLIP_TASK:
+        if plan.task == CLIP:
             log.warning(
                 "Fetching CLIP model %s for %r, which had no model here. If this Immich library already holds "
                 "smart-search vectors from another model under that name (a switch from Immich ML without its "
@@ -187,7 +188,7 @@ class AutoFetcher:
                 plan.target,
                 download.requested,
             )
-        if plan.task == FACES_TASK and not self._warned_licence:
+        if plan.task == FACES and not self._warned_licence:
             self._warned_licence = True
             log.warning("InsightFace models are licensed for non-commercial research purposes only (%s)", plan.source)
         log.info(

@@ -20,15 +20,13 @@ from immich_aio import memory
 from immich_aio.errors import BadRequest
 from immich_aio.names.fetchable import CLIP_CHOICES
 from immich_aio.store import clean_name
+from immich_aio.tasks import TASK_TYPES, ModelType, Task
 
 # (task, type) pairs with the env suffix upstream uses for each (preload, per-model TTL).
-MODEL_KEYS: dict[tuple[str, str], str] = {
-    ("clip", "textual"): "CLIP__TEXTUAL",
-    ("clip", "visual"): "CLIP__VISUAL",
-    ("facial-recognition", "detection"): "FACIAL_RECOGNITION__DETECTION",
-    ("facial-recognition", "recognition"): "FACIAL_RECOGNITION__RECOGNITION",
-    ("ocr", "detection"): "OCR__DETECTION",
-    ("ocr", "recognition"): "OCR__RECOGNITION",
+MODEL_KEYS: dict[tuple[Task, ModelType], str] = {
+    (task, type_): f"{task.name if task != Task.FACES else 'FACIAL_RECOGNITION'}__{type_.name}"
+    for task, types in TASK_TYPES.items()
+    for type_ in types
 }
 TTL_PREFIX = "MACHINE_LEARNING_MODEL_TTL__"
 

@@ -22,9 +22,11 @@ class PredictError(Exception):
         self.served = served
 
     def about(self, task: str, type_: str, requested: str, served: str | None = None) -> PredictError:
-        """Attach the entry this error concerns (kept if already set by a more precise caller)."""
-        self.task = self.task or task
-        self.type = self.type or type_
+        """Attach the entry this error concerns (kept if already set by a more precise caller).
+
+        Plain strings (a task enum becomes its wire name), so the refusal log reads as Immich's names."""
+        self.task = self.task or str(task)
+        self.type = self.type or str(type_)
         self.requested = self.requested or requested
         self.served = self.served or served
         return self

@@ -19,9 +19,12 @@ from PIL import Image
 from immich_aio.errors import InferenceError, PredictError
 from immich_aio.imaging import ImageSource, PixelBudget, load_rgb, open_image, probe
 from immich_aio.jobs import Job
-from immich_aio.models.base import ModelSpec, Payload
-from immich_aio.protocol import CLIP, Entry
+from immich_aio.models.base import ModelSpec
+from immich_aio.models.outputs import Output, OutputT, pick
+from immich_aio.payload import Decoder, Payload
+from immich_aio.protocol import Entry
 from immich_aio.registry import ModelRegistry
+from immich_aio.tasks import CLIP, ModelType, Task
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +42,14 @@ class Engine:
 class Result:
     """Each entry's raw output (for other protocols' shapes) and Immich's response body."""
 
-    outputs: dict[tuple[str, str], Any] = field(default_factory=dict)
+    outputs: dict[tuple[Task, ModelType], Output] = field(default_factory=dict)
     body: dict[str, Any] = field(default_factory=dict)
     served: list[tuple[str, str, str]] = field(default_factory=list)  # (task, type, model) per entry
     size: tuple[int, int] | None = None  # (height, width) of the image as sent
+
+    def output(self, task: Task, type_: ModelType, kind: type[OutputT]) -> OutputT:
+        """An entry's raw output, as a protocol adapter reads it."""
+        return pick(self.outputs, task, type_, kind)
 
 
 def resolve(engine: Engine, entries: list[Entry]) -> list[ModelSpec]:
@@ -84,9 +91,7 @@ def run(
         payload.drop_image()
 
 
-def _decoder(
-    engine: Engine, job: Job, source: ImageSource
-) -> Callable[[int | None], tuple[Image.Image, Callable[[], None]]]:
+def _decoder(engine: Engine, job: Job, source: ImageSource) -> Decoder:
     def decode(min_side: int | None) -> tuple[Image.Image, Callable[[], None]]:
         opened = open_image(source, engine.max_pixels, min_side)
         lease = engine.budget.acquire(opened.width * opened.height, job)
@@ -122,8 +127,8 @@ def _run_entries(engine: Engine, entries: list[Entry], specs: list[ModelSpec], p
         if index == last_image_entry:
             payload.drop_image()
         payload.outputs[(entry.task, entry.type)] = output
-        result.body[entry.task] = wire  # recognition replaces its detection under the task key
-        result.served.append((entry.task, entry.type, spec.name))
+        result.body[entry.task.value] = wire  # recognition replaces its detection under the task key
+        result.served.append((entry.task.value, entry.type.value, spec.name))
     result.outputs = payload.outputs
     if payload.size is not None:
         result.size = payload.size

@@ -13,24 +13,10 @@ import numpy as np
 import orjson
 
 from immich_aio.errors import BadRequest, InvalidEntries
+from immich_aio.tasks import CLIP, DETECTION, FACES, OCR, RECOGNITION, TASK_TYPES, TEXTUAL, VISUAL, ModelType, Task
 
-CLIP = "clip"
-FACES = "facial-recognition"
-OCR = "ocr"
-
-VISUAL = "visual"
-TEXTUAL = "textual"
-DETECTION = "detection"
-RECOGNITION = "recognition"
-
-# Every (task, type) the server can send, and which of them need an image or text.
-TASK_TYPES: dict[str, tuple[str, ...]] = {
-    CLIP: (VISUAL, TEXTUAL),
-    FACES: (DETECTION, RECOGNITION),
-    OCR: (DETECTION, RECOGNITION),
-}
 # A recognition entry consumes its task's detection output.
-DEPENDS_ON: dict[tuple[str, str], tuple[str, str]] = {
+DEPENDS_ON: dict[tuple[Task, ModelType], tuple[Task, ModelType]] = {
     (FACES, RECOGNITION): (FACES, DETECTION),
     (OCR, RECOGNITION): (OCR, DETECTION),
 }
@@ -39,8 +25,8 @@ TEXT_INPUT = {(CLIP, TEXTUAL)}
 
 @dataclass(frozen=True)
 class Entry:
-    task: str
-    type: str
+    task: Task
+    type: ModelType
     model_name: str
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -83,7 +69,7 @@ def entries_from(data: dict[str, Any]) -> list[Entry]:
             options = spec.get("options") or {}
             if not isinstance(options, dict):
                 raise InvalidEntries(f'entries["{task}"]["{type_}"].options must be an object')
-            entries.append(Entry(task, type_, name, options))
+            entries.append(Entry(Task(task), ModelType(type_), name, options))
 
     present = {(e.task, e.type) for e in entries}
     for e in entries:

@@ -19,12 +19,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from immich_aio.errors import ModelLoadError, PredictError
 from immich_aio.memory import trim
 from immich_aio.models.base import Model, ModelSpec, Resolver
 from immich_aio.store import FileIdentity, FileInfo, ModelStore
+from immich_aio.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,24 @@ class _Slot:
     requested: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """A loaded model as `loaded()` reports it: what it is, the names it answered, and its files when loaded."""
+
+    spec: ModelSpec
+    model: Model
+    requested: list[str]  # the latest client names it answered (at most MAX_REQUESTED_NAMES)
+    pinned: bool  # preloaded: never unloaded when idle
+    files: dict[str, FileInfo]
+
+
 Listener = Callable[[str, tuple[str, str, str], float], None]  # (event, key, seconds)
 
 
 class ModelRegistry:
     def __init__(
         self,
-        resolvers: dict[str, Resolver],
+        resolvers: dict[Task, Resolver],
         ttl_for: Callable[[str, str], float] | float,
         store: ModelStore | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -227,17 +238,11 @@ class ModelRegistry:
         trim()
         return unloaded
 
-    def loaded(self) -> list[dict[str, Any]]:
+    def loaded(self) -> list[Loaded]:
         """What is loaded now, with the files as they were when loaded."""
         with self._lock:
             return [
-                {
-                    "spec": slot.spec,
-                    "model": slot.model,
-                    "requested": list(slot.requested),
-                    "pinned": slot.pinned,
-                    "files": dict(slot.files),
-                }
+                Loaded(slot.spec, slot.model, list(slot.requested), slot.pinned, dict(slot.files))
                 for slot in self._slots.values()
                 if slot.model is not None and slot.spec is not None
             ]

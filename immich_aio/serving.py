@@ -15,7 +15,6 @@ import logging
 import signal
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +23,6 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from immich_aio.config import Settings
-from immich_aio.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -118,22 +116,8 @@ class Server(uvicorn.Server):
 
     async def _drain(self, why: str) -> None:
         runtime = getattr(self._app.state, "runtime", None)
-        if runtime is None:
-            self.should_exit = True
-            return
-        runtime.draining = True
-        log.info("%s: finishing %d request(s), refusing new work (grace %g s)", why, len(runtime.jobs), self._grace_s)
-        deadline = time.monotonic() + self._grace_s
-        while runtime.jobs and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if runtime.jobs:
-            n = runtime.cancel_queued(
-                ServiceUnavailable("Shutting down: this request was not finished in time; send it again")
-            )
-            log.warning("Grace period over: %d request(s) still queued were answered with 503", n)
-            deadline = time.monotonic() + 30  # running ONNX Runtime runs cannot be interrupted; let them end
-            while runtime.jobs and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+        if runtime is not None:
+            await runtime.drain(self._grace_s, why)
         self.should_exit = True
 
 

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from immich_aio.errors import BadRequest
+from immich_aio.tasks import ModelType, Task
 
 log = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+\-]*")
 MAX_NAME = 200
-TASKS = ("clip", "facial-recognition", "ocr")
-MODEL_TYPES = ("visual", "textual", "detection", "recognition")
+TASKS: tuple[Task, ...] = tuple(Task)
+MODEL_TYPES: tuple[ModelType, ...] = tuple(ModelType)
 
 
 def clean_name(name: str) -> str:

@@ -110,7 +110,7 @@ def raw_throughput(store: Path, images: list[bytes], seconds: float) -> tuple[di
     from immich_aio.config import Settings
     from immich_aio.imaging import decode_image
     from immich_aio.jobs import Job
-    from immich_aio.models.base import Payload
+    from immich_aio.payload import Payload
     from immich_aio.runtime import build_resolvers
     from immich_aio.sessions import SessionFactory
     from immich_aio.store import ModelStore

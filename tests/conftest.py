@@ -143,9 +143,7 @@ def wait_for(condition: Callable[[], object], what: str, seconds: float = 10.0) 
 def loaded_model(runtime, type_: str, task: str | None = None):
     """The loaded model of a type (and task), from a running app's registry."""
     return next(
-        e["model"]
-        for e in runtime.registry.loaded()
-        if e["spec"].type == type_ and (task is None or e["spec"].task == task)
+        e.model for e in runtime.registry.loaded() if e.spec.type == type_ and (task is None or e.spec.task == task)
     )
 
 

@@ -220,19 +220,45 @@ def test_thread_budget_defaults_and_overrides(monkeypatch):
 
 @pytest.mark.slow
 def test_ocr_lines_from_concurrent_requests_share_bucketed_runs(make_client):
+    """Lines from different requests share recognition runs, one width bucket per run, and the answers don't change.
+
+    The first recognition run is held until every other line of the six requests is queued behind it, so the
+    runs that follow must batch across requests: no timing decides it.
+    """
     from conftest import FIXTURES
 
     from immich_aio.models.ocr import REC_BUCKETS, OcrRecognizer
 
-    client = make_client()
+    # a held run leaves run slots for the detections, and request threads for all six requests
+    client = make_client(IMMICH_AIO_CONCURRENT_RUNS="4", MACHINE_LEARNING_REQUEST_THREADS="8")
     images = [(FIXTURES / "ocr" / n).read_bytes() for n in ("receipt.jpg", "sign.jpg", "rotated.jpg")]
-    alone = [predict(client, OCR_ENTRIES, image=img).json() for img in images]
     runtime = client.app.state.runtime
+    alone = [predict(client, OCR_ENTRIES, image=img).json() for img in images]
     rec = loaded_model(runtime, "recognition")
+    lines_per_round = sum(rec.batcher.batch_sizes)
+    assert lines_per_round > len(images)
     rec.batcher.batch_sizes.clear()
+
+    real_run, release, runs = rec.batcher._run, threading.Event(), []
+
+    def recorded(items):
+        runs.append({item.shape[2] for item in items})
+        if len(runs) == 1:
+            assert release.wait(60), "the test never released the first run"
+        return real_run(items)
+
+    rec.batcher._run = recorded
     with ThreadPoolExecutor(6) as pool:
-        together = list(pool.map(lambda img: predict(client, OCR_ENTRIES, image=img).json(), images * 2))
+        futures = [pool.submit(lambda img=img: predict(client, OCR_ENTRIES, image=img).json()) for img in images * 2]
+        held = wait_for(lambda: runs and rec.batcher.batch_sizes[0], "the first recognition run started", 60)
+        wait_for(lambda: rec.batcher.depth == 2 * lines_per_round - held, "every other line queued behind it", 60)
+        release.set()
+        together = [f.result(timeout=120) for f in futures]
     assert together == alone * 2  # batching changes nothing in the answers
+    sizes = list(rec.batcher.batch_sizes)
+    assert sum(sizes) == 2 * lines_per_round
+    assert max(sizes[1:]) > 1 and len(sizes) < sum(sizes)  # lines of different requests shared runs
+    assert all(len(widths) == 1 for widths in runs)  # one width bucket per run
     crop = np.zeros((30, 200, 3), np.uint8)
     assert OcrRecognizer.prepare_line(crop).shape == (3, 48, 320)
     assert OcrRecognizer.prepare_line(np.zeros((30, 700, 3), np.uint8)).shape[2] in REC_BUCKETS

@@ -524,11 +524,9 @@ def test_download_from_modelscope(tmp_path, monkeypatch, tiny_release, model):
 
 
 def test_unreachable_hub_names_the_mirror_options(tmp_path, monkeypatch, capsys):
-    import socket
+    from live import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()  # nothing listens there
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}")
     assert models_main(["--store", str(tmp_path), "clip", "--arch", "ViT-B-16"]) == 1
     err = capsys.readouterr().err

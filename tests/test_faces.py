@@ -282,11 +282,9 @@ def test_fp16_recogniser_with_fp16_io_is_accepted(store):
 
 
 def test_unreachable_release_host_names_its_own_mirror_option(tmp_path, monkeypatch, capsys):
-    import socket
+    from live import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()  # nothing listens there
     monkeypatch.setenv("INSIGHTFACE_RELEASES_URL", f"http://127.0.0.1:{closed}/releases")
     assert models_main(["--store", str(tmp_path), "faces", "--pack", "buffalo_s", "--source", "insightface"]) == 1
     assert "INSIGHTFACE_RELEASES_URL" in capsys.readouterr().err

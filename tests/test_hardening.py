@@ -179,12 +179,12 @@ def test_pixel_budget_larger_image_runs_alone_times_out_and_notices_cancel():
 
 
 def test_decoded_images_alive_at_once_stay_within_the_budget(make_client, monkeypatch):
-    from immich_aio.models import base
+    from immich_aio import payload
 
     client = make_client(IMMICH_AIO_DECODE_BUDGET_MP="1", MACHINE_LEARNING_REQUEST_THREADS="8")
     alive, peak = [0], [0]
     lock = threading.Lock()
-    real = base.to_array
+    real = payload.to_array
 
     def counting(image):
         array = real(image)
@@ -199,7 +199,7 @@ def test_decoded_images_alive_at_once_stay_within_the_budget(make_client, monkey
         weakref.finalize(array, gone)
         return array
 
-    monkeypatch.setattr(base, "to_array", counting)
+    monkeypatch.setattr(payload, "to_array", counting)
     image = encode(np.random.default_rng(0).integers(0, 255, (900, 1000, 3), dtype=np.uint8))  # 0.9 MP
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda _: predict(client, OCR_ENTRIES, image=image).status_code, range(8)))

@@ -143,8 +143,8 @@ def test_preprocessing_and_tokens_equal_the_reference_exactly(served, cache, fam
     runtime = served.app.state.runtime
     assert predict(served, {"clip": {"visual": {"modelName": fam.name}}}, image=encode(photos()["square"])).is_success
     assert predict(served, {"clip": {"textual": {"modelName": fam.name}}}, text="x").is_success
-    visual = next(e["model"] for e in runtime.registry.loaded() if e["spec"].key == ("clip", "visual", fam.name))
-    textual = next(e["model"] for e in runtime.registry.loaded() if e["spec"].key == ("clip", "textual", fam.name))
+    visual = next(e.model for e in runtime.registry.loaded() if e.spec.key == ("clip", "visual", fam.name))
+    textual = next(e.model for e in runtime.registry.loaded() if e.spec.key == ("clip", "textual", fam.name))
     for rgb in photos().values():
         np.testing.assert_allclose(visual.prepare(rgb)[0], reference_pixels(folder, rgb)[0], atol=2e-5)
     for text in TEXTS:
@@ -219,9 +219,7 @@ def test_requests_share_runs_and_batch1_exports_run_item_by_item(served):
 
 
 def loaded_model_named(client, type_: str, name: str):
-    return next(
-        e["model"] for e in client.app.state.runtime.registry.loaded() if e["spec"].key == ("clip", type_, name)
-    )
+    return next(e.model for e in client.app.state.runtime.registry.loaded() if e.spec.key == ("clip", type_, name))
 
 
 def test_text_encoders_take_the_interactive_lane(served):

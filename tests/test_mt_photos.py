@@ -301,7 +301,7 @@ def test_restart_unloads_models_and_answers(mt):
 def test_mt_requests_are_counted_and_logged_like_every_other(mt):
     with captured_logs() as logs:
         mt.post("/ocr", headers=H, files=upload(b"garbage"))
-    [line] = [r.getMessage() for r in logs.records if r.name == "immich_aio.app"]
+    [line] = [r.getMessage() for r in logs.records if r.name == "immich_aio.edge"]
     assert line.startswith("POST /ocr -> 400") and "answered 200" in line
     mt.post("/clip/txt", headers=H, json={"text": "猫"})
     metrics = mt.get("/metrics").text
@@ -323,7 +323,7 @@ def test_search_from_mt_photos_takes_the_interactive_lane(mt, monkeypatch):
     monkeypatch.setattr(runtime, "run", spy)
     assert mt.post("/clip/txt", headers=H, json={"text": "猫"}).status_code == 200
     assert lanes and all(lanes), lanes
-    textual = next(e["model"] for e in runtime.registry.loaded() if e["spec"].type == "textual")
+    textual = next(e.model for e in runtime.registry.loaded() if e.spec.type == "textual")
     assert textual.batcher._interactive
 
 
@@ -366,6 +366,6 @@ def test_both_protocols_at_once_share_models_and_answer_correctly(mt):
                 )
             else:
                 assert a == b, name
-    loaded = {(e["spec"].task, e["spec"].type): e["spec"].name for e in mt.app.state.runtime.registry.loaded()}
+    loaded = {(e.spec.task, e.spec.type): e.spec.name for e in mt.app.state.runtime.registry.loaded()}
     assert loaded[("clip", "visual")] == "CN-CLIP-ViT-B-16"  # one model serves Immich and MT Photos
     assert len(mt.app.state.runtime.registry.loaded()) == 6

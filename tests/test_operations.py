@@ -27,7 +27,7 @@ def tiny():
 
 
 def refusals(logs) -> list[logging.LogRecord]:
-    return [r for r in logs.records if r.name == "immich_aio.app" and r.levelno >= logging.WARNING]
+    return [r for r in logs.records if r.name == "immich_aio.edge" and r.levelno >= logging.WARNING]
 
 
 def test_a_dimension_mismatch_is_logged_once_with_everything_an_operator_needs(store, make_client, tiny):
@@ -188,6 +188,7 @@ def test_the_banner_and_info_say_which_face_pack_answers(store):
     from starlette.testclient import TestClient
 
     from immich_aio.app import create_app
+    from immich_aio.reporting import banner as banner_of
     from immich_aio.runtime import Runtime
 
     make_scrfd(store / "facial-recognition" / "buffalo_l" / "detection" / "model.onnx")
@@ -196,7 +197,7 @@ def test_the_banner_and_info_say_which_face_pack_answers(store):
     from conftest import settings_for
 
     settings = settings_for(store)
-    banner = Runtime(settings).banner()
+    banner = banner_of(Runtime(settings))
     assert "facial-recognition: buffalo_l answers buffalo_l (its own files)" in banner
     assert "antelopev2" not in banner and "facial-recognition: no model installed" not in banner
     with TestClient(create_app(settings)) as client:

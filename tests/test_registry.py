@@ -128,7 +128,7 @@ def test_real_ttl_unload_frees_ort_session(make_client):
     img = encode(__import__("numpy").full((64, 64, 3), 255, "uint8"))
     assert predict(client, OCR_ENTRIES, image=img).status_code == 200
     runtime = client.app.state.runtime
-    refs = [weakref.ref(e["model"].session) for e in runtime.registry.loaded()]
+    refs = [weakref.ref(e.model.session) for e in runtime.registry.loaded()]
     assert len(refs) == 2 and all(r() is not None for r in refs)
     runtime.registry._ttl_for = lambda task, type_: 0.2
     deadline = time.monotonic() + 10

@@ -28,8 +28,8 @@ from immich_aio.download.fetch import (
 from immich_aio.download.install import staged
 from immich_aio.download.validate import torch_checkpoint, vocabulary
 from immich_aio.names.fetchable import CHINESE_ONNX_REPOS
-from immich_aio.protocol import CLIP
 from immich_aio.store import ModelStore, clean_name
+from immich_aio.tasks import CLIP
 
 
 @dataclass(frozen=True)

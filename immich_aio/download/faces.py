@@ -17,8 +17,8 @@ from immich_aio.download import hf
 from immich_aio.download.fetch import download, forget, say
 from immich_aio.download.install import staged
 from immich_aio.download.validate import load_onnx, zip_with
-from immich_aio.protocol import DETECTION, FACES, RECOGNITION
 from immich_aio.store import ModelStore
+from immich_aio.tasks import DETECTION, FACES, RECOGNITION
 
 # Detector and recogniser inside each InsightFace zip.
 PACK_FILES = {

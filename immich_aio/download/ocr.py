@@ -15,8 +15,8 @@ from immich_aio.download.fetch import download, forget, say
 from immich_aio.download.install import staged
 from immich_aio.download.validate import load_onnx
 from immich_aio.names.catalog import IMMICH_NAMES, store_folder
-from immich_aio.protocol import DETECTION, OCR, RECOGNITION
 from immich_aio.store import ModelStore, sha256_file
+from immich_aio.tasks import DETECTION, OCR, RECOGNITION
 
 OFFICIAL = "https://www.modelscope.cn"
 HINT = "Set MODELSCOPE_ENDPOINT to a reachable ModelScope mirror, or copy the files into the store by hand"

@@ -19,8 +19,11 @@ from PIL import Image
 
 from immich_aio.errors import BadRequest
 from immich_aio.jobs import Job
-from immich_aio.models.base import Model, Payload
-from immich_aio.protocol import CLIP, TEXTUAL, VISUAL, vector_string
+from immich_aio.models.base import Model
+from immich_aio.payload import Payload
+from immich_aio.protocol import vector_string
+from immich_aio.sessions import SessionFactory
+from immich_aio.tasks import CLIP, TEXTUAL, VISUAL
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -94,6 +97,17 @@ class ClipTower(Model):
 
     task = CLIP
 
+    def __init__(
+        self,
+        name: str,
+        files: dict[str, Path],
+        factory: SessionFactory,
+        *,
+        reduced_decode: bool = False,
+    ) -> None:
+        super().__init__(name, files, factory)
+        self.reduced_decode = reduced_decode  # IMMICH_AIO_CLIP_REDUCED_DECODE
+
     def open_session(self, path: Path, embed_dim: int | None) -> None:
         self.session = self.factory.create(path)
         inputs = self.session.get_inputs()
@@ -136,7 +150,7 @@ class ClipTower(Model):
         input pixel. Off by default, because the vectors are then close to, not identical with, a full
         decode's (Immich ML's, the official services').
         """
-        return 2 * image_size if self.factory.settings.clip_reduced_decode else None
+        return 2 * image_size if self.reduced_decode else None
 
     def image_for(self, payload: Payload, options: dict[str, Any], image_size: int) -> Image.Image:
         """The RGB image, or (option `swapRB`) with red and blue swapped, as some MT Photos images embedded."""

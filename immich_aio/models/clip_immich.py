@@ -28,9 +28,9 @@ import numpy as np
 from PIL import Image
 
 from immich_aio.errors import BadRequest
-from immich_aio.models.base import Payload
 from immich_aio.models.clip import ClipTower
-from immich_aio.protocol import TEXTUAL, VISUAL
+from immich_aio.payload import Payload
+from immich_aio.tasks import TEXTUAL, VISUAL
 
 log = logging.getLogger(__name__)
 

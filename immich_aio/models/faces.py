@@ -15,8 +15,11 @@ import cv2
 import numpy as np
 
 from immich_aio.jobs import Job
-from immich_aio.models.base import Model, Payload
-from immich_aio.protocol import DETECTION, FACES, RECOGNITION, option_float, vector_string
+from immich_aio.models.base import Model
+from immich_aio.models.outputs import DetectedFaces, RecognisedFaces
+from immich_aio.payload import Payload
+from immich_aio.protocol import option_float, vector_string
+from immich_aio.tasks import DETECTION, FACES, RECOGNITION
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +117,11 @@ class FaceDetector(Model):
         canvas, scale = letterbox(image)
         return ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None], scale
 
-    def detect(self, image: np.ndarray, min_score: float, job: Job | None = None) -> dict[str, np.ndarray]:
+    def detect(self, image: np.ndarray, min_score: float, job: Job | None = None) -> DetectedFaces:
         blob, scale = self.prepare(image)
         return self.find(blob, scale, min_score, job or Job())
 
-    def find(self, blob: np.ndarray, scale: float, min_score: float, job: Job) -> dict[str, np.ndarray]:
+    def find(self, blob: np.ndarray, scale: float, min_score: float, job: Job) -> DetectedFaces:
         """Run the detector on a prepared input and decode its boxes, scores and landmarks."""
         outs = self.run({self.input_name: blob}, job)
         outs = [o[0] if o.ndim == 3 else o for o in outs]  # tolerate a leading batch axis
@@ -137,20 +140,24 @@ class FaceDetector(Model):
         score = np.concatenate(scores).astype(np.float32)
         marks = np.concatenate(points).astype(np.float32) / scale if self.has_landmarks else None
         keep = nms(box, score)
-        return {
-            "boxes": box[keep],  # float pixels; Immich's answer rounds them, MT Photos' truncates them
-            "scores": score[keep],
-            "landmarks": marks[keep] if marks is not None else np.zeros((len(keep), 0, 2), np.float32),
-        }
+        return DetectedFaces(
+            boxes=box[keep],
+            scores=score[keep],
+            landmarks=marks[keep] if marks is not None else np.zeros((len(keep), 0, 2), np.float32),
+        )
 
-    def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, np.ndarray]:
+    def predict(self, payload: Payload, options: dict[str, Any]) -> DetectedFaces:
         min_score = option_float(options, "minScore", 0.7, 0.0, 1.0)
         blob, scale = self.prepare(payload.image)
         payload.done_with_image()  # a detection-only request needs no more of it
         return self.find(blob, scale, min_score, payload.job)
 
-    def response(self, output: dict[str, np.ndarray], options: dict[str, Any]) -> dict[str, Any]:
-        return {k: (v.round() if k == "boxes" else v).tolist() for k, v in output.items()}
+    def response(self, output: DetectedFaces, options: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "boxes": output.boxes.round().tolist(),
+            "scores": output.scores.tolist(),
+            "landmarks": output.landmarks.tolist(),
+        }
 
 
 class FaceRecognizer(Model):
@@ -202,22 +209,22 @@ class FaceRecognizer(Model):
         blob = ((crops.astype(np.float32) - self.mean) / self.std).transpose(0, 3, 1, 2)
         return self.infer({self.input_name: np.ascontiguousarray(blob)})[0].reshape(len(blob), -1)
 
-    def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, np.ndarray]:
+    def predict(self, payload: Payload, options: dict[str, Any]) -> RecognisedFaces:
         """The detector's boxes and scores with one raw (un-normalised) embedding per face."""
-        det = payload.outputs[(FACES, DETECTION)]
-        if len(det["boxes"]) == 0:
-            return {"boxes": det["boxes"], "scores": det["scores"], "embeddings": np.zeros((0, 512), np.float32)}
-        if det["landmarks"].shape[1] != 5:
+        det = payload.output(FACES, DETECTION, DetectedFaces)
+        if len(det.boxes) == 0:
+            return RecognisedFaces(det.boxes, det.scores, np.zeros((0, 512), np.float32))
+        if det.landmarks.shape[1] != 5:
             raise ValueError("the detector gives no landmarks, so faces cannot be aligned for recognition")
         assert self.batcher is not None
         image = payload.image
-        crops = [align(image, marks, self.size) for marks in det["landmarks"]]
+        crops = [align(image, marks, self.size) for marks in det.landmarks]
         del image
         payload.done_with_image()  # the crops are all recognition needs: the photo is let go before the run
         embeddings = np.stack(self.batcher.map(crops, payload.job)).astype(np.float32)
-        return {"boxes": det["boxes"], "scores": det["scores"], "embeddings": embeddings}
+        return RecognisedFaces(det.boxes, det.scores, embeddings)
 
-    def response(self, output: dict[str, np.ndarray], options: dict[str, Any]) -> list[dict[str, Any]]:
+    def response(self, output: RecognisedFaces, options: dict[str, Any]) -> list[dict[str, Any]]:
         """Immich's faces: integral boxes (as floats), raw 512-d embeddings as strings, by descending score."""
         return [
             {
@@ -225,5 +232,5 @@ class FaceRecognizer(Model):
                 "embedding": vector_string(emb),
                 "score": float(score),
             }
-            for box, emb, score in zip(output["boxes"], output["embeddings"], output["scores"], strict=True)
+            for box, emb, score in zip(output.boxes, output.embeddings, output.scores, strict=True)
         ]

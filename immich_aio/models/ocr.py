@@ -16,9 +16,12 @@ import numpy as np
 
 from immich_aio.errors import BadRequest
 from immich_aio.jobs import Job
-from immich_aio.models.base import Model, Payload
-from immich_aio.protocol import DETECTION, OCR, RECOGNITION, option_float
+from immich_aio.models.base import Model
+from immich_aio.models.outputs import TextBoxes, TextLines
+from immich_aio.payload import Payload
+from immich_aio.protocol import option_float
 from immich_aio.sessions import SessionFactory, SessionProfile
+from immich_aio.tasks import DETECTION, OCR, RECOGNITION
 
 REC_HEIGHT = 48
 # Line images are padded to one of a few canvas widths, so a GPU sees few distinct shapes and lines
@@ -97,7 +100,7 @@ class OcrDetector(Model):
         self.session = self.factory.create(self.files["model"], SessionProfile(dynamic_shapes=True))
         self.input_name = self.session.get_inputs()[0].name
 
-    def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, np.ndarray]:
+    def predict(self, payload: Payload, options: dict[str, Any]) -> TextBoxes:
         min_score = option_float(options, "minScore", 0.5, 0.0, 1.0)
         max_res = option_float(options, "maxResolution", 736, 1, 100_000)
         score_mode = options.get("scoreMode", "fast")
@@ -105,7 +108,7 @@ class OcrDetector(Model):
             raise BadRequest(f"option 'scoreMode' must be 'fast' or 'slow', got {score_mode!r}")
         assert payload.size is not None
         height, width = payload.size
-        empty = {"boxes": np.zeros((0, 4, 2), np.float32), "scores": np.zeros(0, np.float32)}
+        empty = TextBoxes(np.zeros((0, 4, 2), np.float32), np.zeros(0, np.float32))
         if height < 32 or width < 32:
             return empty
         in_h, in_w = detector_input_size(height, width, int(max_res), self.max_side)
@@ -129,10 +132,10 @@ class OcrDetector(Model):
             return empty
         boxes = np.asarray(boxes, dtype=np.float32)
         order = reading_order(boxes)
-        return {"boxes": boxes[order], "scores": np.asarray(scores, dtype=np.float32)[order]}
+        return TextBoxes(boxes[order], np.asarray(scores, dtype=np.float32)[order])
 
-    def response(self, output: dict[str, np.ndarray], options: dict[str, Any]) -> dict[str, Any]:
-        return {"boxes": output["boxes"].tolist(), "scores": output["scores"].tolist()}
+    def response(self, output: TextBoxes, options: dict[str, Any]) -> dict[str, Any]:
+        return {"boxes": output.quads.tolist(), "scores": output.scores.tolist()}
 
 
 class OcrRecognizer(Model):
@@ -174,10 +177,10 @@ class OcrRecognizer(Model):
         probs = self.batcher.map([self.prepare_line(c) for c in crops], job)
         return [(text, float(score)) for p in probs for text, score in self.decoder(p[None], False)[0]]
 
-    def predict(self, payload: Payload, options: dict[str, Any]) -> dict[str, Any]:
+    def predict(self, payload: Payload, options: dict[str, Any]) -> TextLines:
         min_score = option_float(options, "minScore", 0.9, 0.0, 1.0)
-        det = payload.outputs[(OCR, DETECTION)]
-        boxes, box_scores = det["boxes"], det["scores"]
+        det = payload.output(OCR, DETECTION, TextBoxes)
+        boxes, box_scores = det.quads, det.scores
         crops, kept = [], []
         if len(boxes):
             image = payload.image
@@ -202,7 +205,7 @@ class OcrRecognizer(Model):
         box = (boxes[keep] / scale).astype(np.float32).reshape(-1) if keep else np.zeros(0, np.float32)
         box_score = [round(float(s), 5) for s in box_scores[keep]] if keep else []
         quads = boxes[keep] if keep else np.zeros((0, 4, 2), np.float32)  # pixels, for the MT Photos shapes
-        return {"text": text, "box": box, "boxScore": box_score, "textScore": text_score, "quads": quads}
+        return TextLines(text=text, box=box, box_score=box_score, text_score=text_score, quads=quads)
 
-    def response(self, output: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-        return {k: output[k] for k in ("text", "box", "boxScore", "textScore")}
+    def response(self, output: TextLines, options: dict[str, Any]) -> dict[str, Any]:
+        return {"text": output.text, "box": output.box, "boxScore": output.box_score, "textScore": output.text_score}

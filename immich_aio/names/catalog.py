@@ -6,8 +6,8 @@ downloaders in download/ both read it.
 
 from __future__ import annotations
 
-from immich_aio.protocol import DETECTION
 from immich_aio.store import clean_name
+from immich_aio.tasks import DETECTION
 
 # --- CLIP -----------------------------------------------------------------------------------------
 

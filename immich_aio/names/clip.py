@@ -32,9 +32,9 @@ from immich_aio.models.clip_immich import (
 )
 from immich_aio.names import fetchable
 from immich_aio.names.catalog import IMMICH_CLIP_DIMS
-from immich_aio.protocol import CLIP, TEXTUAL, VISUAL
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import ModelStore, clean_name
+from immich_aio.tasks import CLIP, TEXTUAL, VISUAL
 
 # Which Chinese-CLIP-architecture model answers a whitelisted name of each dimension, best first: CN-CLIP
 # before QA-CLIP, so installing QA-CLIP beside CN-CLIP never silently changes an existing library's space.
@@ -63,10 +63,16 @@ class ClipResolver(Resolver):
     task = CLIP
 
     def __init__(
-        self, store: ModelStore, factory: SessionFactory, aliases: dict[str, str], fetch_clip: str = "chinese"
+        self,
+        store: ModelStore,
+        factory: SessionFactory,
+        aliases: dict[str, str],
+        fetch_clip: str = "chinese",
+        reduced_decode: bool = False,
     ) -> None:
         self.store = store
         self.factory = factory
+        self.reduced_decode = reduced_decode  # IMMICH_AIO_CLIP_REDUCED_DECODE, for the image towers
         self.explicit = {clean_name(k): clean_name(v) for k, v in aliases.items()}
         self.fetch_clip = fetch_clip  # what a name with no model gets on first use (names/fetchable.py)
 
@@ -200,8 +206,14 @@ class ClipResolver(Resolver):
             cls = ImmichClipVisual if type_ == VISUAL else ImmichClipTextual
         else:
             cls = CnClipVisual if type_ == VISUAL else CnClipTextual
+        reduced = self.reduced_decode
         return ModelSpec(
-            CLIP, type_, served, lambda: cls(served, files, self.factory), name, watch=self._watch(served, kind)
+            CLIP,
+            type_,
+            served,
+            lambda: cls(served, files, self.factory, reduced_decode=reduced),
+            name,
+            watch=self._watch(served, kind),
         )
 
     def files(self, served: str) -> dict[str, Path]:

@@ -12,9 +12,9 @@ from immich_aio.models.base import ModelSpec, Resolver
 from immich_aio.models.faces import FaceDetector, FaceRecognizer
 from immich_aio.names import fetchable
 from immich_aio.names.catalog import PACKS
-from immich_aio.protocol import DETECTION, FACES, RECOGNITION
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import ModelStore, clean_name
+from immich_aio.tasks import DETECTION, FACES, RECOGNITION
 
 
 def fetch_hint(pack: str) -> str:

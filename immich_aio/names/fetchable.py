@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CLIP_TASK, FACES_TASK, OCR_TASK = "clip", "facial-recognition", "ocr"
+from immich_aio.tasks import CLIP, FACES, OCR
 
 # The dimensions a ready, torch-free Chinese-CLIP exists for, and the one fetched (the cheaper of the two
 # 768-d models: ViT-L-14-336 costs 2.3x the compute per image for a small gain).
@@ -50,12 +50,12 @@ class FetchPlan:
 
 def lock_key(task: str, target: str) -> str:
     """What an install locks: its folder, or all of OCR (every language shares the detector's folder)."""
-    return task if task == OCR_TASK else f"{task}/{target}"
+    return task if task == OCR else f"{task}/{target}"
 
 
 def chinese_clip(arch: str) -> FetchPlan:
     return FetchPlan(
-        CLIP_TASK,
+        CLIP,
         f"CN-CLIP-{arch}",
         "cn-clip-onnx",
         arch,
@@ -66,7 +66,7 @@ def chinese_clip(arch: str) -> FetchPlan:
 
 def immich_clip(name: str) -> FetchPlan:
     return FetchPlan(
-        CLIP_TASK,
+        CLIP,
         name,
         "immich-clip",
         name,
@@ -84,7 +84,7 @@ def clip_for(name: str, dim: int, choice: str) -> FetchPlan:
 
 def faces(pack: str) -> FetchPlan:
     return FetchPlan(
-        FACES_TASK,
+        FACES,
         pack,
         "faces",
         pack,
@@ -95,7 +95,7 @@ def faces(pack: str) -> FetchPlan:
 
 def ocr(name: str) -> FetchPlan:
     return FetchPlan(
-        OCR_TASK,
+        OCR,
         name,
         "ocr",
         name,

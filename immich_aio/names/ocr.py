@@ -22,9 +22,9 @@ from immich_aio.models.base import Model, ModelSpec, Resolver
 from immich_aio.models.ocr import OcrDetector, OcrRecognizer, bundled_model_dir
 from immich_aio.names import fetchable
 from immich_aio.names.catalog import BUNDLED, IMMICH_NAMES, store_folder
-from immich_aio.protocol import DETECTION, OCR, RECOGNITION
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import FileIdentity, ModelStore, clean_name, file_identity
+from immich_aio.tasks import DETECTION, OCR, RECOGNITION
 
 BUNDLED_FILES = {DETECTION: "PP-OCRv6_det_small.onnx", RECOGNITION: "PP-OCRv6_rec_small.onnx"}
 

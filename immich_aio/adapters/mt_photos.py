@@ -29,7 +29,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from immich_aio import pipeline
-from immich_aio.app import Call, answer, json_response, read_limits, run_pipeline
+from immich_aio.adapters import mt_ocr
+from immich_aio.edge import Call, answer, json_response, read_limits, run_pipeline, runtime
 from immich_aio.errors import (
     BadRequest,
     ClientGone,
@@ -39,12 +40,11 @@ from immich_aio.errors import (
     Unauthorized,
     UndecodableImage,
 )
-from immich_aio.fork_ocr import boxes as line_boxes
-from immich_aio.fork_ocr import ocr_entries
 from immich_aio.http_form import FIELD_SLACK, read_form
 from immich_aio.imaging import probe
-from immich_aio.protocol import CLIP, DETECTION, FACES, OCR, RECOGNITION, TEXTUAL, VISUAL, Entry
-from immich_aio.runtime import Runtime
+from immich_aio.models.outputs import RecognisedFaces, TextLines
+from immich_aio.protocol import Entry
+from immich_aio.tasks import CLIP, DETECTION, FACES, OCR, RECOGNITION, TEXTUAL, VISUAL
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _missing(where: str, name: str) -> InvalidEntries:
 
 
 def _guard(request: Request) -> None:
-    key = request.app.state.runtime.settings.mt_api_key
+    key = runtime(request).settings.mt_api_key
     if key is None:
         raise NotFound(
             "The MT Photos API is off on this server: set MT_PHOTOS_API_KEY (or API_AUTH_KEY) to the key MT Photos "
@@ -82,12 +82,8 @@ def _soft(error: PredictError) -> Response | None:
     return json_response({"result": [], "msg": error.detail})
 
 
-def _runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
-
-
 async def _image_job(request: Request, call: Call, entries: list[Entry], limit_side: bool) -> pipeline.Result:
-    rt = _runtime(request)
+    rt = runtime(request)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise _missing("body", "file")  # what FastAPI answers the official service's clients
     async with read_form(request, read_limits(rt.settings), request.url.path) as form:
@@ -106,7 +102,7 @@ async def _image_job(request: Request, call: Call, entries: list[Entry], limit_s
 
 async def check(request: Request) -> Response:
     async def work(call: Call) -> Response:
-        rt = _runtime(request)
+        rt = runtime(request)
         return json_response(
             {
                 "result": "pass",
@@ -122,19 +118,19 @@ async def check(request: Request) -> Response:
 
 
 async def ocr(request: Request) -> Response:
-    model = _runtime(request).settings.mt_ocr_model
-    entries = ocr_entries(model)
+    model = runtime(request).settings.mt_ocr_model
+    entries = mt_ocr.entries(model)
 
     async def work(call: Call) -> Response:
         call.task = OCR
         result = await _image_job(request, call, entries, limit_side=True)
-        lines = result.outputs[(OCR, RECOGNITION)]  # lines under MIN_SCORE were dropped by the recogniser
-        boxes = line_boxes(lines["quads"])
+        lines = result.output(OCR, RECOGNITION, TextLines)  # lines under MIN_SCORE were dropped by the recogniser
+        boxes = mt_ocr.boxes(lines.quads)
         return json_response(
             {
                 "result": {
-                    "texts": list(lines["text"]),
-                    "scores": [f"{s:.2f}" for s in lines["textScore"]],
+                    "texts": list(lines.text),
+                    "scores": mt_ocr.scores(lines.text_score),
                     "boxes": [
                         {"x": str(x1), "y": str(y1), "width": str(round(x2 - x1, 2)), "height": str(round(y2 - y1, 2))}
                         for x1, y1, x2, y2 in boxes
@@ -152,33 +148,33 @@ def _vector(values: np.ndarray) -> list[str]:
 
 
 async def clip_img(request: Request) -> Response:
-    rt = _runtime(request)
+    rt = runtime(request)
     # IMMICH_AIO_MT_CLIP_SWAP_RB reproduces mt-photos-ai's onnx/openvino images, which fed BGR as RGB.
     entries = [Entry(CLIP, VISUAL, rt.settings.mt_clip_model, {"swapRB": rt.settings.mt_clip_swap_rb})]
 
     async def work(call: Call) -> Response:
         call.task = CLIP
         result = await _image_job(request, call, entries, limit_side=False)
-        return json_response({"result": _vector(result.outputs[(CLIP, VISUAL)])})
+        return json_response({"result": _vector(result.output(CLIP, VISUAL, np.ndarray))})
 
     return await answer(request, "/clip/img", work, guard=_guard, soft=_soft)
 
 
 async def clip_txt(request: Request) -> Response:
-    rt = _runtime(request)
+    rt = runtime(request)
 
     async def work(call: Call) -> Response:
         call.task = CLIP
-        text = await _json_text(request, rt)
+        text = await _json_text(request)
         entries = [Entry(CLIP, TEXTUAL, rt.settings.mt_clip_model, {})]
         result = await run_pipeline(request, call.job, entries, None, text)
         call.served = result.served
-        return json_response({"result": _vector(result.outputs[(CLIP, TEXTUAL)])})
+        return json_response({"result": _vector(result.output(CLIP, TEXTUAL, np.ndarray))})
 
     return await answer(request, "/clip/txt", work, interactive=True, guard=_guard)
 
 
-async def _json_text(request: Request, rt: Runtime) -> str:
+async def _json_text(request: Request) -> str:
     """`{"text": ...}` from a JSON body (Content-Type JSON or none), bounded like every upload."""
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type != "application/json":
@@ -207,7 +203,7 @@ async def _json_text(request: Request, rt: Runtime) -> str:
 
 
 async def represent(request: Request) -> Response:
-    rt = _runtime(request)
+    rt = runtime(request)
     pack = rt.settings.mt_face_model
     entries = [
         Entry(FACES, DETECTION, pack, {"minScore": rt.settings.mt_face_threshold}),
@@ -222,8 +218,8 @@ async def represent(request: Request) -> Response:
             raise BadRequest(f"The uploaded file {call.filename} is not a valid image format or is corrupted.").about(
                 FACES, DETECTION, pack
             ) from None
-        faces = result.outputs[(FACES, RECOGNITION)]
-        embeddings = faces["embeddings"]
+        faces = result.output(FACES, RECOGNITION, RecognisedFaces)
+        embeddings = faces.embeddings
         norms = np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
         return json_response(
             {
@@ -236,7 +232,7 @@ async def represent(request: Request) -> Response:
                         "face_confidence": float(score),
                     }
                     for (x1, y1, x2, y2), emb, norm, score in zip(
-                        faces["boxes"].tolist(), embeddings, norms, faces["scores"], strict=True
+                        faces.boxes.tolist(), embeddings, norms, faces.scores, strict=True
                     )
                 ],
             }
@@ -250,7 +246,7 @@ async def restart(request: Request) -> Response:
     endpoint = request.url.path.rsplit("/", 1)[-1]
 
     async def work(call: Call) -> Response:
-        rt = _runtime(request)
+        rt = runtime(request)
         unloaded = await rt.run(rt.registry.unload_all, True)
         log.info("%s: unloaded %d model(s) on MT Photos' request", endpoint, len(unloaded))
         return json_response({"result": "pass"})
