@@ -540,3 +540,38 @@ def test_missing_export_tools_fail_before_downloading(tmp_path, monkeypatch, cap
         assert models_main(["--store", str(tmp_path), "clip", "--arch", "ViT-B-16", "--export"]) == 1
         assert hub.requests == []
     assert "pip install --no-deps cn_clip" in capsys.readouterr().err
+
+
+def test_the_clip_listing_is_read_once_per_store_change(tmp_path, monkeypatch):
+    """Every request resolves its CLIP name; the configs are parsed again only when the store changed (issue 18)."""
+    import os
+
+    from immich_aio.errors import BadRequest
+    from immich_aio.names import clip as clip_names
+
+    def install(name: str, dim: int) -> None:
+        folder = tmp_path / "clip" / name
+        for tower in ("visual", "textual"):
+            (folder / tower).mkdir(parents=True, exist_ok=True)
+            (folder / tower / "model.onnx").write_bytes(b"stand-in")
+        (folder / "textual" / "vocab.txt").write_text("[PAD]\n")
+        staged = folder / ".config.json.new"  # replaced the way installs do it: a new file renamed over the old
+        staged.write_text(json.dumps({"model_type": "cn-clip", "embed_dim": dim, "image_size": 224}))
+        os.replace(staged, folder / "config.json")
+
+    reads: list[Path] = []
+    real = clip_names.ClipConfig.read
+    monkeypatch.setattr(clip_names.ClipConfig, "read", classmethod(lambda cls, d: reads.append(d) or real(d)))
+    install("CN-CLIP-ViT-B-16", 512)
+    resolver = clip_names.ClipResolver(ModelStore(tmp_path), None, {})
+    for _ in range(5):
+        assert resolver.resolve("visual", "ViT-B-32__openai").name == "CN-CLIP-ViT-B-16"
+    assert len(reads) == 1
+    install("CN-CLIP-ViT-L-14", 768)  # a new model is seen by the next request
+    assert resolver.resolve("textual", "ViT-L-14__openai").name == "CN-CLIP-ViT-L-14"
+    install("CN-CLIP-ViT-B-16", 768)  # a config replaced under the same name too
+    with pytest.raises(BadRequest, match="which is 768-d"):
+        resolver.resolve("visual", "ViT-B-32__openai")
+    count = len(reads)
+    resolver.resolve("visual", "ViT-L-14__openai")
+    assert len(reads) == count  # and it is kept again

@@ -33,7 +33,7 @@ from immich_aio.models.clip_immich import (
 from immich_aio.names import fetchable
 from immich_aio.names.catalog import IMMICH_CLIP_DIMS
 from immich_aio.sessions import SessionFactory
-from immich_aio.store import ModelStore, clean_name
+from immich_aio.store import ModelStore, clean_name, identity
 from immich_aio.tasks import CLIP, TEXTUAL, VISUAL
 
 # Which Chinese-CLIP-architecture model answers a whitelisted name of each dimension, best first: CN-CLIP
@@ -73,6 +73,7 @@ class ClipResolver(Resolver):
         self.store = store
         self.factory = factory
         self.reduced_decode = reduced_decode  # IMMICH_AIO_CLIP_REDUCED_DECODE, for the image towers
+        self._installed: tuple[tuple, dict[str, Installed]] | None = None  # (store key, listing)
         self.explicit = {clean_name(k): clean_name(v) for k, v in aliases.items()}
         self.fetch_clip = fetch_clip  # what a name with no model gets on first use (names/fetchable.py)
 
@@ -87,10 +88,32 @@ class ClipResolver(Resolver):
         return None
 
     def installed(self) -> dict[str, Installed]:
-        """CLIP folders in the store that hold a model, with their kind and dimension."""
+        """CLIP folders in the store that hold a model, with their kind and dimension (do not modify the result).
+
+        Every request asks this, so the answer is kept until the store changes: the key is the folder listing and
+        the identity (a stat) of each folder's config.json and tower models, so an installed, removed or replaced
+        model is seen on the next request, while the configs are read and parsed only when one of them changed.
+        """
+        folders = {name: self.store.folder(CLIP, name) for name in self.store.names(CLIP)}
+        key = tuple(
+            (
+                name,
+                str(folder),
+                identity((folder / "config.json", *(folder / t / "model.onnx" for t in (VISUAL, TEXTUAL)))),
+            )
+            for name, folder in folders.items()
+        )
+        cached = self._installed
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        out = self._read_installed(folders)
+        self._installed = (key, out)  # one tuple: a reader on another thread sees the old pair or the new one
+        return out
+
+    @staticmethod
+    def _read_installed(folders: dict[str, Path]) -> dict[str, Installed]:
         out = {}
-        for name in self.store.names(CLIP):
-            folder = self.store.folder(CLIP, name)
+        for name, folder in folders.items():
             if is_cn_clip(folder):
                 try:
                     out[name] = Installed("cn-clip", ClipConfig.read(folder).embed_dim)
