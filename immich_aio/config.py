@@ -212,7 +212,7 @@ class Settings:
     model_arena: bool = False
     device_id: int = 0
     providers: tuple[str, ...] = ()
-    preload: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    preload: dict[tuple[Task, ModelType], tuple[str, ...]] = field(default_factory=dict)
     max_upload_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 100_000_000
     decode_budget_pixels: int = 0  # 0: DECODE_MP_PER_RUN per concurrent run (Runtime)

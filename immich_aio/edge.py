@@ -183,6 +183,7 @@ def _count(rt: Runtime, endpoint: str, call: Call | None, error: PredictError | 
     if error is not None:
         m.requests.labels(ep, task_label(task), type_label(task, error.type), error.served or "", str(status)).inc()
     elif call is not None:
-        for entry_task, type_, model in call.served or [(task, None, "")]:
+        served: list[tuple[str | None, str | None, str]] = [*call.served] or [(task, None, "")]
+        for entry_task, type_, model in served:
             m.requests.labels(ep, task_label(entry_task), type_label(entry_task, type_), model, str(status)).inc()
     m.latency.labels(ep, task_label(task)).observe(s)

@@ -110,15 +110,15 @@ def wanted(choice: str) -> tuple[str, Path | None]:
     if choice == "auto":
         if active() in LIBRARIES:
             return active(), None  # the user preloaded one already: theirs stands
-        path = find_library("jemalloc")
-        return ("jemalloc", path) if path is not None else ("glibc", None)
-    path = find_library(choice)
-    if path is None:
+        found = find_library("jemalloc")
+        return ("jemalloc", found) if found is not None else ("glibc", None)
+    found = find_library(choice)
+    if found is None:
         raise ValueError(
             f"IMMICH_AIO_ALLOCATOR={choice}, but {LIBRARIES[choice][0]} is not installed "
             f"(Debian/Ubuntu: apt install {PACKAGES[choice]}); or set IMMICH_AIO_ALLOCATOR=auto"
         )
-    return choice, path
+    return choice, found
 
 
 def restart_preloaded(library: Path, argv: list[str]) -> None:

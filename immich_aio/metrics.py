@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from immich_aio.tasks import TASK_TYPES
+from immich_aio.tasks import TASK_TYPES, Task
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -26,7 +26,7 @@ def task_label(task: str | None) -> str:
 
 
 def type_label(task: str | None, type_: str | None) -> str:
-    return type_ if task in TASK_TYPES and type_ in TASK_TYPES[task] else "-"
+    return type_ if task in TASK_TYPES and type_ in TASK_TYPES[Task(task)] else "-"
 
 
 def endpoint_label(endpoint: str) -> str:

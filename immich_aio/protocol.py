@@ -51,25 +51,26 @@ def decode_entries(raw: str | bytes | None) -> dict[str, Any]:
 def entries_from(data: dict[str, Any]) -> list[Entry]:
     """Entries in run order (detection before its recognition); an unknown task or type is 400 naming the known."""
     entries: list[Entry] = []
-    for task, types in data.items():
-        if task not in TASK_TYPES:
-            raise BadRequest(f"Unknown task {task!r}; known tasks: {', '.join(TASK_TYPES)}")
+    for name, types in data.items():
+        if name not in TASK_TYPES:
+            raise BadRequest(f"Unknown task {name!r}; known tasks: {', '.join(TASK_TYPES)}")
+        task = Task(name)
         if not isinstance(types, dict) or not types:
             raise InvalidEntries(f'entries["{task}"] must be a non-empty object {{type: {{"modelName": ...}}}}')
         for type_, spec in types.items():
             if type_ not in TASK_TYPES[task]:
                 raise BadRequest(
-                    f"Unknown type {type_!r} for task {task!r}; known types: {', '.join(TASK_TYPES[task])}"
+                    f"Unknown type {type_!r} for task {name!r}; known types: {', '.join(TASK_TYPES[task])}"
                 )
             if not isinstance(spec, dict):
                 raise InvalidEntries(f'entries["{task}"]["{type_}"] must be an object with "modelName"')
-            name = spec.get("modelName")
-            if not isinstance(name, str) or not name:
+            model = spec.get("modelName")
+            if not isinstance(model, str) or not model:
                 raise InvalidEntries(f'entries["{task}"]["{type_}"].modelName must be a non-empty string')
             options = spec.get("options") or {}
             if not isinstance(options, dict):
                 raise InvalidEntries(f'entries["{task}"]["{type_}"].options must be an object')
-            entries.append(Entry(Task(task), ModelType(type_), name, options))
+            entries.append(Entry(task, ModelType(type_), model, options))
 
     present = {(e.task, e.type) for e in entries}
     for e in entries:

@@ -24,7 +24,7 @@ from immich_aio.errors import ModelLoadError, PredictError
 from immich_aio.memory import trim
 from immich_aio.models.base import Model, ModelSpec, Resolver
 from immich_aio.store import FileIdentity, FileInfo, ModelStore
-from immich_aio.tasks import Task
+from immich_aio.tasks import ModelType, Task
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ModelRegistry:
         self._slots: dict[tuple[str, str, str], _Slot] = {}
         self._lock = threading.Lock()
 
-    def resolve(self, task: str, type_: str, requested: str) -> ModelSpec:
+    def resolve(self, task: Task, type_: ModelType, requested: str) -> ModelSpec:
         return self.resolvers[task].resolve(type_, requested)
 
     def ttl(self, task: str, type_: str) -> float:

@@ -136,8 +136,8 @@ def banner(rt: Runtime) -> str:
             ordered = sorted(names, key=lambda n: (n not in IMMICH_DEFAULTS, n))
             shown = ", ".join(ordered[:4]) + (f" and {len(ordered) - 4} more (see /info)" if len(ordered) > 4 else "")
             lines.append(f"  {task}: {served} answers {shown}" + (f" ({why})" if why else ""))
-    for entry, why in sorted(rt.store.skipped().items()):
-        lines.append(f"  skipped {entry}: {why}")
+    for skipped, reason in sorted(rt.store.skipped().items()):
+        lines.append(f"  skipped {skipped}: {reason}")
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from immich_aio.pipeline import Engine
 from immich_aio.registry import ModelRegistry
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import ModelStore
-from immich_aio.tasks import CLIP, FACES, OCR, Task
+from immich_aio.tasks import CLIP, FACES, OCR, ModelType, Task
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Runtime:
         self.registry.unload_all()
         log.info("Stopped: requests finished, models unloaded")
 
-    def missing_plan(self, task: str, type_: str, name: str) -> FetchPlan | None:
+    def missing_plan(self, task: Task, type_: ModelType, name: str) -> FetchPlan | None:
         """What would be fetched for this entry, when its model is missing and fetching on first use is on."""
         if not self.fetcher.enabled:
             return None

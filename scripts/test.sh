@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the test dependencies into .venv and run every check: ruff, pip check, the whole test suite.
+# Install the test dependencies into .venv and run every check: ruff, mypy, pip check, the whole test suite.
 # This is the README's test command; .ci/run runs exactly this on a clean checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,5 +32,6 @@ fi
 .venv/bin/python -m pip check
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy
 .venv/bin/hadolint Dockerfile
 exec .venv/bin/python -m pytest "$@"

@@ -55,7 +55,7 @@ def test_unknown_task_type_and_model_are_400_naming_known(client):
     r = predict(client, {"pets": {"detection": {"modelName": "x"}}}, image=IMG)
     assert_detail(r, 400, "pets", "clip", "facial-recognition", "ocr")
     r = predict(client, {"ocr": {"pipeline": {"modelName": "x"}}}, image=IMG)
-    assert_detail(r, 400, "pipeline", "detection", "recognition")
+    assert_detail(r, 400, "pipeline", "for task 'ocr'", "detection", "recognition")  # the wire name, not an enum
     entries = {"ocr": {"detection": {"modelName": "no-such-ocr"}, "recognition": {"modelName": "no-such-ocr"}}}
     assert_detail(predict(client, entries, image=IMG), 400, "no-such-ocr", "PP-OCRv5_mobile", "PP-OCRv6_small")
 

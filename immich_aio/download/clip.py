@@ -105,8 +105,9 @@ def _fetch(store: ModelStore, release: Release, filename: str, source: str, vali
         if release.modelscope_repo is None:
             raise DownloadError(f"{release.family} is not on ModelScope; use --source hf (HF_ENDPOINT for a mirror)")
         listed = modelscope_listing(release.modelscope_repo).get(filename, {})
-        sha = listed.get("sha256") if isinstance(listed.get("sha256"), str) else None
-        size = listed.get("size") if isinstance(listed.get("size"), int) else None
+        sha, size = listed.get("sha256"), listed.get("size")
+        sha = sha if isinstance(sha, str) else None
+        size = size if isinstance(size, int) else None
         dest = store.root / ".downloads" / "modelscope" / release.modelscope_repo.replace("/", "--") / filename
         return download(modelscope_url(release.modelscope_repo, filename), dest, sha, size=size, validate=validate)
     snapshot = hf.fetch(store.root, release.hf_repo, (filename,))

@@ -90,7 +90,7 @@ def export(model, out_dir: Path, image_size: int, context_length: int = 52, fp16
         "visual": (Tower("encode_image").eval(), image, "image", "unnorm_image_features"),
         "textual": (Tower("encode_text").eval(), text, "text", "unnorm_text_features"),
     }
-    embed_dim = None
+    embed_dim = 0
     for folder, (wrapper, example, in_name, out_name) in towers.items():
         path = out_dir / folder / "model.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -178,7 +178,7 @@ def check(combined: Path, out_dir: Path, pad: int, size: int) -> int:
     dim = 0
     for folder, (embeds, _inputs, new_input) in TOWERS.items():
         session = ort.InferenceSession(str(out_dir / folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-        x = image if folder == "visual" else ids
+        x: np.ndarray = image if folder == "visual" else ids
         x = x.astype(np.float16) if session.get_inputs()[0].type == "tensor(float16)" else x
         got = session.run(None, {new_input: x})[0].astype(np.float32)
         got = got / np.linalg.norm(got, axis=-1, keepdims=True)

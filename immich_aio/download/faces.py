@@ -18,7 +18,7 @@ from immich_aio.download.fetch import download, forget, say
 from immich_aio.download.install import staged
 from immich_aio.download.validate import load_onnx, zip_with
 from immich_aio.store import ModelStore
-from immich_aio.tasks import DETECTION, FACES, RECOGNITION
+from immich_aio.tasks import DETECTION, FACES, RECOGNITION, ModelType
 
 # Detector and recogniser inside each InsightFace zip.
 PACK_FILES = {
@@ -78,17 +78,17 @@ def fetch_pack(store: ModelStore, pack: str, source: str = "hf") -> Path:
     return store.model_dir(FACES, pack)
 
 
-def _install(store: ModelStore, pack: str, files: dict[str, Path]) -> None:
+def _install(store: ModelStore, pack: str, files: dict[ModelType, Path]) -> None:
     with staged(store, FACES, pack) as stage:
         for type_, src in files.items():
             (stage / type_).mkdir()
             shutil.copyfile(src, stage / type_ / "model.onnx")
 
 
-def _unzip(archive: Path, pack: str, into: Path) -> dict[str, Path]:
+def _unzip(archive: Path, pack: str, into: Path) -> dict[ModelType, Path]:
     """Extract just the two models, matched by file name; member paths are never used as paths."""
     wanted = dict(zip(PACK_FILES[pack], (DETECTION, RECOGNITION), strict=True))
-    found: dict[str, Path] = {}
+    found: dict[ModelType, Path] = {}
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
             base = info.filename.replace("\\", "/").rsplit("/", 1)[-1]

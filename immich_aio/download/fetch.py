@@ -34,7 +34,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from immich_aio.store import sha256_file
@@ -192,7 +192,7 @@ def forget(dest: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _keep_or_drop_part(dest: Path, part: Path, expected: dict[str, object]) -> int:
+def _keep_or_drop_part(dest: Path, part: Path, expected: Mapping[str, object]) -> int:
     """Bytes of `part` to resume from: kept only when it was started for the same file (hash and size)."""
     record = _part_record_path(dest)
     if part.exists():

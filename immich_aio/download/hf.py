@@ -61,7 +61,8 @@ def _error(repo: str, e: Exception) -> DownloadError:
         RevisionNotFoundError,
     )
 
-    chain, cause = [], e
+    chain: list[BaseException] = []
+    cause: BaseException | None = e
     while cause is not None and len(chain) < 8:
         chain.append(cause)
         cause = cause.__cause__ or cause.__context__

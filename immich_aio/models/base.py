@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,7 +126,7 @@ class Resolver(ABC):
     task: Task
 
     @abstractmethod
-    def resolve(self, type_: str, requested: str) -> ModelSpec: ...
+    def resolve(self, type_: ModelType, requested: str) -> ModelSpec: ...
 
     def aliases(self) -> dict[str, str]:
         """Names this task answers to that are not model names themselves, for /info."""
@@ -136,6 +136,6 @@ class Resolver(ABC):
         """Each answered name: the model serving it and why (for /info and the startup banner)."""
         return {name: {"servedBy": served, "why": ""} for name, served in self.aliases().items()}
 
-    def files(self, served: str) -> dict[str, Path]:
+    def files(self, served: str) -> Mapping[str, Path]:
         """The files of an installed model, by role, for /info."""
         return {}

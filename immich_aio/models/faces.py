@@ -139,11 +139,11 @@ class FaceDetector(Model):
         box = np.concatenate(boxes).astype(np.float32) / scale
         score = np.concatenate(scores).astype(np.float32)
         marks = np.concatenate(points).astype(np.float32) / scale if self.has_landmarks else None
-        keep = nms(box, score)
+        kept = nms(box, score)
         return DetectedFaces(
-            boxes=box[keep],
-            scores=score[keep],
-            landmarks=marks[keep] if marks is not None else np.zeros((len(keep), 0, 2), np.float32),
+            boxes=box[kept],
+            scores=score[kept],
+            landmarks=marks[kept] if marks is not None else np.zeros((len(kept), 0, 2), np.float32),
         )
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> DetectedFaces:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from immich_aio.errors import BadRequest, ModelMissing
 from immich_aio.models.base import ModelSpec, Resolver
-from immich_aio.models.clip import ClipConfig, CnClipTextual, CnClipVisual, is_cn_clip
+from immich_aio.models.clip import ClipConfig, ClipTower, CnClipTextual, CnClipVisual, is_cn_clip
 from immich_aio.models.clip_immich import (
     TEXTUAL_FILES,
     VISUAL_FILES,
@@ -34,7 +34,7 @@ from immich_aio.names import fetchable
 from immich_aio.names.catalog import IMMICH_CLIP_DIMS
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import ModelStore, clean_name, identity
-from immich_aio.tasks import CLIP, TEXTUAL, VISUAL
+from immich_aio.tasks import CLIP, TEXTUAL, VISUAL, ModelType
 
 # Which Chinese-CLIP-architecture model answers a whitelisted name of each dimension, best first: CN-CLIP
 # before QA-CLIP, so installing QA-CLIP beside CN-CLIP never silently changes an existing library's space.
@@ -181,14 +181,14 @@ class ClipResolver(Resolver):
         preferred = {512: "ViT-B-32__openai", 768: "ViT-L-14__openai", 1024: "ViT-H-14__laion2b-s32b-b79k"}
         return preferred.get(dim) or next((n for n, d in IMMICH_CLIP_DIMS.items() if d == dim), "none")
 
-    def _files(self, served: str, kind: str, type_: str) -> dict[str, Path]:
+    def _files(self, served: str, kind: str, type_: ModelType) -> dict[str, Path]:
         folder = self.store.folder(CLIP, served)
         if kind == "cn-clip":
             files = {"model": folder / type_ / "model.onnx"}
             if type_ == TEXTUAL:
                 files["vocab"] = folder / type_ / "vocab.txt"
             return files
-        names = {
+        names: dict[str, dict[str, str]] = {
             VISUAL: {"model": "model.onnx", "preprocess": "preprocess_cfg.json"},
             TEXTUAL: {
                 "model": "model.onnx",
@@ -207,7 +207,7 @@ class ClipResolver(Resolver):
             towers = {VISUAL: VISUAL_FILES, TEXTUAL: TEXTUAL_FILES}
         return (folder / "config.json", *(folder / t / f for t, names in towers.items() for f in names))
 
-    def resolve(self, type_: str, requested: str) -> ModelSpec:
+    def resolve(self, type_: ModelType, requested: str) -> ModelSpec:
         name = clean_name(requested)
         installed = self.installed()
         served, _why = self.served_by(name, installed)
@@ -225,6 +225,7 @@ class ClipResolver(Resolver):
                 served=served,
                 plan=self.refetch_plan(served),
             )
+        cls: type[ClipTower]
         if kind == "immich":
             cls = ImmichClipVisual if type_ == VISUAL else ImmichClipTextual
         else:

@@ -14,7 +14,7 @@ from immich_aio.names import fetchable
 from immich_aio.names.catalog import PACKS
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import ModelStore, clean_name
-from immich_aio.tasks import DETECTION, FACES, RECOGNITION
+from immich_aio.tasks import DETECTION, FACES, RECOGNITION, ModelType
 
 
 def fetch_hint(pack: str) -> str:
@@ -33,7 +33,7 @@ class FaceResolver(Resolver):
         self.factory = factory
         self.max_batch = max_batch
 
-    def resolve(self, type_: str, requested: str) -> ModelSpec:
+    def resolve(self, type_: ModelType, requested: str) -> ModelSpec:
         name = clean_name(requested)
         path = self._model(name, type_)
         if not path.is_file():

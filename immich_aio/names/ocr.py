@@ -24,7 +24,9 @@ from immich_aio.names import fetchable
 from immich_aio.names.catalog import BUNDLED, IMMICH_NAMES, store_folder
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import FileIdentity, ModelStore, clean_name, file_identity
-from immich_aio.tasks import DETECTION, OCR, RECOGNITION
+from immich_aio.tasks import DETECTION, OCR, RECOGNITION, ModelType
+
+Pair = dict[ModelType, Path]  # a name's detector and recogniser files
 
 BUNDLED_FILES = {DETECTION: "PP-OCRv6_det_small.onnx", RECOGNITION: "PP-OCRv6_rec_small.onnx"}
 
@@ -80,7 +82,7 @@ class OcrResolver(Resolver):
                 self._charsets[str(recogniser)] = cached
         return all(c in cached[1] for c in SCRIPT_SAMPLES[language][1])
 
-    def pair(self, name: str) -> dict[str, Path] | None:
+    def pair(self, name: str) -> Pair | None:
         """A name's detector and recogniser files, or None unless both are present."""
         if name == BUNDLED:
             stored = {t: self.store.folder(OCR, BUNDLED) / t / "model.onnx" for t in (DETECTION, RECOGNITION)}
@@ -90,12 +92,12 @@ class OcrResolver(Resolver):
         files = {t: self.store.folder(OCR, store_folder(name, t)) / t / "model.onnx" for t in (DETECTION, RECOGNITION)}
         return files if all(p.is_file() for p in files.values()) else None
 
-    def _build(self, type_: str, served: str, path: Path) -> Model:
+    def _build(self, type_: ModelType, served: str, path: Path) -> Model:
         if type_ == DETECTION:
             return OcrDetector(served, {"model": path}, self.factory, max_side=self.max_side)
         return OcrRecognizer(served, {"model": path}, self.factory, max_batch=self.max_batch)
 
-    def _spec(self, type_: str, served: str, files: dict[str, Path], requested: str) -> ModelSpec:
+    def _spec(self, type_: ModelType, served: str, files: Pair, requested: str) -> ModelSpec:
         key = store_folder(served, type_) if served != BUNDLED else served
         path = files[type_]
         return ModelSpec(
@@ -107,7 +109,7 @@ class OcrResolver(Resolver):
             watch=(files[DETECTION], files[RECOGNITION]),
         )
 
-    def resolve(self, type_: str, requested: str) -> ModelSpec:
+    def resolve(self, type_: ModelType, requested: str) -> ModelSpec:
         name = clean_name(requested)
         files = self.pair(name)
         if files is not None:
@@ -140,7 +142,7 @@ class OcrResolver(Resolver):
         pair = self.pair(served) if served == BUNDLED else None
         if pair is not None:
             return {t: pair[t] for t in (DETECTION, RECOGNITION)}
-        out = {}
+        out: dict[str, Path] = {}
         for t in (DETECTION, RECOGNITION):
             p = self.store.folder(OCR, store_folder(served, t)) / t / "model.onnx"
             if p.is_file():
