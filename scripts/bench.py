@@ -177,7 +177,7 @@ def raw_throughput(store: Path, images: list[bytes], seconds: float) -> tuple[di
         canvas, _ = letterbox(a)
         det_blobs.append(((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None])
         found = det.detect(a, 0.7)
-        crops.append(np.stack([align(a, m) for m in found["landmarks"]]) if len(found["boxes"]) else None)
+        crops.append(np.stack([align(a, m) for m in found.landmarks]) if len(found.boxes) else None)
     sd, sr = session(det.files["model"]), session(rec.files["model"])
     dname, rname = sd.get_inputs()[0].name, sr.get_inputs()[0].name
 
@@ -213,7 +213,7 @@ def raw_throughput(store: Path, images: list[bytes], seconds: float) -> tuple[di
         bgr = cv2.cvtColor(a, cv2.COLOR_RGB2BGR)
         blob = ((cv2.resize(bgr, (w, h)).astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None]
         found = odet.predict(Payload(Job(), image=a), {"minScore": 0.5, "maxResolution": 736})
-        lines = [orec.prepare_line(c) for q in found["boxes"] if (c := crop_quad(bgr, q)) is not None]
+        lines = [orec.prepare_line(c) for q in found.quads if (c := crop_quad(bgr, q)) is not None]
         jobs.append((blob, lines))
     so, sl = session(odet.files["model"]), session(orec.files["model"])
 
