@@ -24,7 +24,7 @@ from immich_aio.tasks import TASK_TYPES, ModelType, Task
 
 # (task, type) pairs with the env suffix upstream uses for each (preload, per-model TTL).
 MODEL_KEYS: dict[tuple[Task, ModelType], str] = {
-    (task, type_): f"{task.name if task != Task.FACES else 'FACIAL_RECOGNITION'}__{type_.name}"
+    (task, type_): f"{task.value.upper().replace('-', '_')}__{type_.value.upper()}"
     for task, types in TASK_TYPES.items()
     for type_ in types
 }

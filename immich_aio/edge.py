@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -99,22 +99,19 @@ async def answer(
     return response
 
 
-async def run(request: Request, job: Job, fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn(*args)` on a worker of the job's lane; if the client leaves first, drop its queued work (ClientGone)."""
-    return await _unless_client_leaves(request, job, runtime(request).run(fn, *args, interactive=job.interactive))
-
-
 async def run_pipeline(
     request: Request, job: Job, entries: list[Entry], image: ImageSource | None, text: str | None
 ) -> pipeline.Result:
-    """Run the entries on a worker. A model that is missing and can be fetched on first use is downloaded while the
+    """Run the entries on a worker of the job's lane; if the client leaves first, its queued work is dropped
+    (ClientGone). A model that is missing and can be fetched on first use is downloaded while the
     request waits here, on the event loop (holding no worker thread), and the entries run again once it lands; the
     common path, every model installed, pays nothing for this."""
     rt = runtime(request)
     fetched = 0  # at most one download per entry; then the pipeline's own answer stands
     while True:
         try:
-            return await run(request, job, pipeline.run, rt.engine, job, entries, image, text)
+            work = rt.run(pipeline.run, rt.engine, job, entries, image, text, interactive=job.interactive)
+            return await _unless_client_leaves(request, job, work)
         except ModelMissing as e:
             if not rt.fetcher.enabled or not isinstance(e.plan, FetchPlan) or fetched == len(entries):
                 raise
@@ -183,7 +180,7 @@ def _count(rt: Runtime, endpoint: str, call: Call | None, error: PredictError | 
     if error is not None:
         m.requests.labels(ep, task_label(task), type_label(task, error.type), error.served or "", str(status)).inc()
     elif call is not None:
-        served: list[tuple[str | None, str | None, str]] = [*call.served] or [(task, None, "")]
+        served: Sequence[tuple[str | None, str | None, str]] = call.served or [(task, None, "")]
         for entry_task, type_, model in served:
             m.requests.labels(ep, task_label(entry_task), type_label(entry_task, type_), model, str(status)).inc()
     m.latency.labels(ep, task_label(task)).observe(s)

@@ -6,7 +6,7 @@ Another client's request shape on the same `/predict` (the OCR fork's) is a `Pre
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from starlette.requests import Request
@@ -39,7 +39,7 @@ async def ping(request: Request) -> Response:
     return PlainTextResponse("pong")
 
 
-def predict_endpoint(variants: Sequence[PredictVariant] = ()) -> Any:
+def predict_endpoint(variants: Sequence[PredictVariant] = ()) -> Callable[[Request], Awaitable[Response]]:
     async def predict(request: Request) -> Response:
         settings = edge.runtime(request).settings
 
