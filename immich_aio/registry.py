@@ -6,7 +6,8 @@ Every use compares the model's installation identity (a few stat calls) with the
 loaded from. When `immich-aio models ...` (or anything else) replaced the files, the next request
 loads the new installation; runs already holding the old model finish on it, and it is closed
 when the last of them is done. The files' sizes and hashes are recorded at load time, so /info
-describes what is running, not whatever is on disk now.
+describes what is running, not whatever is on disk now; the hashing runs beside the session's creation,
+on the other core, so that a first request does not wait for it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from immich_aio.errors import ModelLoadError, PredictError
@@ -74,6 +76,7 @@ class ModelRegistry:
         self._listener = listener or (lambda event, key, seconds: None)
         self._slots: dict[tuple[str, str, str], _Slot] = {}
         self._lock = threading.Lock()
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="describe")  # model loads are rare; one at a time
 
     def resolve(self, task: Task, type_: ModelType, requested: str) -> ModelSpec:
         return self.resolvers[task].resolve(type_, requested)
@@ -93,6 +96,7 @@ class ModelRegistry:
             started = time.perf_counter()
             try:
                 model = spec.build()
+                described = self._hasher.submit(self._describe, model)  # beside the load, not after it
                 model.load()
             except PredictError:
                 self._listener("load_failed", spec.key, time.perf_counter() - started)
@@ -103,8 +107,7 @@ class ModelRegistry:
                 raise ModelLoadError(
                     f"Failed to load model '{spec.name}' ({spec.task}.{spec.type}): {e}", served=spec.name
                 ) from e
-            files = self._describe(model)
-            gc.collect()
+            files = described.result()
             trim()  # loading parses whole model files: hand the transient memory back (glibc keeps it otherwise)
             if spec.identity() == before:
                 self._listener("loaded", spec.key, time.perf_counter() - started)

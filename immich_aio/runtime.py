@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from immich_aio.imaging import PixelBudget
 from immich_aio.jobs import Job
 from immich_aio.metrics import Metrics
 from immich_aio.models.base import Resolver
+from immich_aio.models.ocr import import_post_processing
 from immich_aio.names.clip import ClipResolver
 from immich_aio.names.faces import FaceResolver
 from immich_aio.names.fetchable import FetchPlan
@@ -53,6 +55,13 @@ def build_resolvers(settings: Settings, store: ModelStore, factory: SessionFacto
         FACES: FaceResolver(store, factory, settings.face_max_batch),
         OCR: OcrResolver(store, factory, settings.ocr_default_model, settings.ocr_max_batch, settings.ocr_max_side),
     }
+
+
+def _warm_imports() -> None:
+    try:
+        import_post_processing()
+    except Exception as e:  # the OCR model's own load reports it, with its reason, when OCR is asked for
+        log.debug("warm imports: %s", e)
 
 
 class Runtime:
@@ -136,6 +145,9 @@ class Runtime:
         return not self.jobs
 
     async def start(self) -> None:
+        # Imports a first request would otherwise wait for, done while nothing is asked of the server yet;
+        # a request that comes sooner waits on the same import (Python's import lock), never twice.
+        threading.Thread(target=_warm_imports, name="warm-imports", daemon=True).start()
         # Preloading runs in the background: /ping answers from the first moment, and a request for a
         # model still loading simply waits for that one load.
         if self.settings.preload:

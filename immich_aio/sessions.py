@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from immich_aio.batching import BatchPolicy, RunGate
 from immich_aio.config import Settings
+from immich_aio.ort_cache import OrtCache
 
 if TYPE_CHECKING:
     from immich_aio.metrics import Metrics
@@ -60,6 +61,8 @@ class SessionFactory:
         slots = settings.concurrent_runs or (max(1, cores // self.intra_threads) if self.cpu_only else 2)
         self.gate = RunGate(slots, on_wait=metrics.gate_wait.observe if metrics else None)
         self.batch_size = settings.batch_max_size or (4 if self.cpu_only else 16)
+        # Saved optimised graphs load in a fraction of the time (ort_cache.py); CPU only, as measured.
+        self.ort_cache = OrtCache(settings.cache_folder.expanduser()) if settings.ort_cache and self.cpu_only else None
 
     def policy(self, max_size: int | None = None) -> BatchPolicy:
         return BatchPolicy(max_size or self.batch_size, self.settings.batch_max_wait_ms / 1000)
@@ -106,6 +109,8 @@ class SessionFactory:
     def create(self, model: Path | bytes, profile: SessionProfile | None = None) -> ort.InferenceSession:
         """A session for a file, or for model bytes derived in memory (never written over the user's file)."""
         profile = profile or SessionProfile()
+        if isinstance(model, Path) and self.ort_cache is not None:
+            return self.ort_cache.session(model, self.options, self.provider_list(profile))
         source = str(model) if isinstance(model, Path) else model
         return ort.InferenceSession(source, sess_options=self.options(), providers=self.provider_list(profile))
 

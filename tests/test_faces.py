@@ -314,3 +314,54 @@ def test_one_request_with_every_task(store):
     assert len(json.loads(body["clip"])) == 512
     assert body["ocr"]["text"] == ["海边咖啡馆", "OPEN 24 HOURS", "欢迎光临"]
     assert isinstance(body["facial-recognition"], list)
+
+
+def _mxnet_style(path: Path) -> Path:
+    """An ArcFace whose graph normalises its input itself, as MXNet exports do: a Sub and a Mul up front."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(make_arcface(path)))
+    graph = model.graph
+    graph.initializer.extend(
+        [numpy_helper.from_array(np.float32(127.5), "mean"), numpy_helper.from_array(np.float32(1 / 127.5), "scale")]
+    )
+    graph.node[0].input[0] = "scaled"
+    graph.node.insert(0, helper.make_node("Mul", ["centred", "scale"], ["scaled"], name="_mul0"))
+    sub = helper.make_node("Sub", ["input.1", "mean"], ["centred"], name="_minus0", doc_string="x" * 300)
+    graph.node.insert(0, sub)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_recogniser_reads_its_first_node_names_without_parsing_weights(tmp_path, monkeypatch):
+    """The normalisation rule reads the first node names from the protobuf directly (onnx.load of a real
+    recogniser took half a second of a first request); same names as onnx, same mean/std choice."""
+    import onnx
+
+    from immich_aio.config import Settings
+    from immich_aio.models import faces
+    from immich_aio.sessions import SessionFactory
+
+    plain = make_arcface(tmp_path / "plain.onnx")
+    mxnet = _mxnet_style(tmp_path / "mxnet.onnx")
+    for path in (plain, mxnet):
+        expected = [n.name for n in onnx.load(str(path)).graph.node]
+        assert faces.leading_node_names(path, 8) == expected[:8]
+        assert faces.leading_node_names(path, 2) == expected[:2]
+    factory = SessionFactory(Settings.from_env({"MACHINE_LEARNING_CACHE_FOLDER": str(tmp_path)}))
+
+    def normalisation(path: Path) -> tuple[float, float]:
+        rec = faces.FaceRecognizer("buffalo_l", {"model": path}, factory)
+        rec.load()
+        return rec.mean, rec.std
+
+    assert normalisation(plain) == (127.5, 127.5)
+    assert normalisation(mxnet) == (0.0, 1.0)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x3a\xff\xff\xff\xff\x0f" + bytes(10))  # field 7 (graph) claiming 4 GiB
+    with pytest.raises(ValueError, match="truncated"):
+        faces.leading_node_names(junk, 8)
+    # a protobuf the reader does not follow: the library reads the names instead, same choice
+    monkeypatch.setattr(faces, "leading_node_names", lambda *a: (_ for _ in ()).throw(ValueError("odd")))
+    assert normalisation(mxnet) == (0.0, 1.0)

@@ -36,6 +36,7 @@ LAYERS: list[list[str]] = [
     ["sessions"],
     ["payload", "batching", "config"],
     ["metrics", "imaging", "memory", "access_log", "http_form", "protocol", "names.fetchable", "names.catalog"],
+    ["ort_cache"],
     ["store", "models.outputs", "jobs"],
     ["errors", "tasks"],
     ["__init__", "adapters", "download", "models", "names"],

@@ -86,6 +86,14 @@ def charset(model: Path, metadata: dict[str, str]) -> list[str]:
     )
 
 
+def import_post_processing() -> None:
+    """Import rapidocr's DB post-processing and CTC decoder (about 0.6 s: importing the package parses its
+    YAML configuration). The server does it once at start, off the request path, so that the first OCR
+    request after a start does not pay it; the models import the same modules, which is then free."""
+    import rapidocr.ch_ppocr_det.utils
+    import rapidocr.ch_ppocr_rec.utils  # noqa: F401
+
+
 class OcrDetector(Model):
     task, type = OCR, DETECTION
 

@@ -1,0 +1,176 @@
+"""ONNX Runtime's optimised graphs kept beside the store: used when valid, never when stale, broken or half-written."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from face_models import make_arcface
+
+from immich_aio import ort_cache
+from immich_aio.config import Settings
+from immich_aio.sessions import SessionFactory
+
+X = np.random.default_rng(0).standard_normal((2, 3, 112, 112)).astype(np.float32)
+
+
+def factory(store: Path, **env: str) -> SessionFactory:
+    return SessionFactory(Settings.from_env({"MACHINE_LEARNING_CACHE_FOLDER": str(store), **env}))
+
+
+def run(session: ort.InferenceSession) -> np.ndarray:
+    return session.run(None, {"input.1": X})[0]
+
+
+def plain(path: Path) -> np.ndarray:
+    return run(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
+
+
+def entries(store: Path) -> list[Path]:
+    return sorted(p for p in (store / ort_cache.FOLDER).glob("*/*") if not p.name.endswith(".partial"))
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return make_arcface(tmp_path / "store" / "facial-recognition" / "buffalo_l" / "recognition" / "model.onnx")
+
+
+def test_the_saved_graph_is_opened_next_time_and_answers_the_same(tmp_path, model):
+    store = tmp_path / "store"
+    first = factory(store).create(model)
+    [entry] = entries(store)
+    assert {p.name for p in entry.iterdir()} == {ort_cache.GRAPH, ort_cache.WEIGHTS, ort_cache.ABOUT}
+    assert (entry / ort_cache.WEIGHTS).stat().st_size > 100_000  # the weights live outside the graph file
+    assert first._model_path == str(model)  # the first load optimises the model's own file
+    again = factory(store).create(model)
+    assert again._model_path == str(entry / ort_cache.GRAPH)
+    reference = plain(model)
+    for out in (run(first), run(again)):
+        cos = (out * reference).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(reference, axis=1)
+        assert cos.min() >= 0.9999
+        np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_a_replaced_model_gets_a_new_entry_and_the_old_one_goes(tmp_path, model):
+    store = tmp_path / "store"
+    factory(store).create(model)
+    [old] = entries(store)
+    staged = make_arcface(tmp_path / "new.onnx", seed=7)
+    os.replace(staged, model)  # how an install lands: a rename
+    session = factory(store).create(model)
+    [new] = entries(store)
+    assert new != old and not old.exists()
+    np.testing.assert_allclose(run(session), plain(model), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run(factory(store).create(model)), plain(model), rtol=1e-4, atol=1e-5)
+
+
+def test_an_unusable_entry_is_removed_and_the_model_loads_from_its_own_file(tmp_path, model, caplog):
+    store = tmp_path / "store"
+    factory(store).create(model)
+    [entry] = entries(store)
+    (entry / ort_cache.WEIGHTS).write_bytes(b"truncated")
+    with caplog.at_level(logging.WARNING, logger="immich_aio.ort_cache"):
+        session = factory(store).create(model)
+    assert "unusable" in caplog.text and str(model) in caplog.text
+    assert session._model_path == str(model)
+    np.testing.assert_allclose(run(session), plain(model), rtol=1e-4, atol=1e-5)
+    [rebuilt] = entries(store)  # and a good copy took its place
+    assert factory(store).create(model)._model_path == str(rebuilt / ort_cache.GRAPH)
+
+
+def test_a_half_written_entry_is_never_opened_and_an_old_one_is_cleared(tmp_path, model):
+    store = tmp_path / "store"
+    cache = ort_cache.OrtCache(store)
+    providers = ["CPUExecutionProvider"]
+    key = cache.key(model, providers)
+    assert key is not None
+    folder = cache.folder(model)
+    young = folder / f".{key}.1.aaaa.partial"
+    old = folder / f".{key}.2.bbbb.partial"
+    for partial in (young, old):
+        partial.mkdir(parents=True)
+        (partial / ort_cache.GRAPH).write_bytes(b"not a graph")
+    os.utime(old, (time.time() - 2 * ort_cache.STALE_PARTIAL_S,) * 2)
+    session = factory(store).create(model)
+    assert session._model_path == str(model)
+    assert [p.name for p in entries(store)] == [key]
+    assert young.exists() and not old.exists()  # a writer may still be busy with the young one
+
+
+def test_an_unwritable_or_full_store_serves_without_saving(tmp_path, model, monkeypatch):
+    store = tmp_path / "store"
+    (store / ort_cache.FOLDER).write_text("a file where the folder would go")
+    np.testing.assert_allclose(run(factory(store).create(model)), plain(model), rtol=1e-4, atol=1e-5)
+    (store / ort_cache.FOLDER).unlink()
+    monkeypatch.setattr(ort_cache.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, 1 << 20))
+    np.testing.assert_allclose(run(factory(store).create(model)), plain(model), rtol=1e-4, atol=1e-5)
+    assert entries(store) == [] and list((store / ort_cache.FOLDER).rglob("*.partial")) == []
+
+
+def test_a_bad_model_file_fails_with_its_own_error_and_leaves_nothing(tmp_path):
+    store = tmp_path / "store"
+    bad = store / "ocr" / "x" / "detection" / "model.onnx"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\x08\x07 not onnx")
+    with pytest.raises(Exception, match=r"(?i)protobuf|parse|load"):
+        factory(store).create(bad)
+    assert entries(store) == [] and list((store / ort_cache.FOLDER).rglob("*.partial")) == []
+
+
+def test_the_key_follows_runtime_providers_cpu_and_file(tmp_path, model, monkeypatch):
+    cache = ort_cache.OrtCache(tmp_path / "store")
+    cpu = ["CPUExecutionProvider"]
+    key = cache.key(model, cpu)
+    assert key == cache.key(model, cpu)
+    assert cache.key(model, [("CUDAExecutionProvider", {"device_id": "0"}), *cpu]) != key
+    monkeypatch.setattr(ort, "__version__", "0.0.1")
+    assert cache.key(model, cpu) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(ort_cache, "cpu_fingerprint", lambda: "another machine")
+    assert cache.key(model, cpu) != key
+    monkeypatch.undo()
+    os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 1))
+    assert cache.key(model, cpu) != key
+    assert cache.key(tmp_path / "missing.onnx", cpu) is None
+
+
+def test_concurrent_first_loads_make_one_entry(tmp_path, model):
+    store = tmp_path / "store"
+    barrier = threading.Barrier(3, timeout=30)
+    results: list[object] = []
+
+    def load() -> None:
+        barrier.wait()
+        try:
+            results.append(run(factory(store).create(model)))
+        except Exception as e:  # reported on the test's thread below
+            results.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    reference = plain(model)
+    assert len(results) == 3
+    for out in results:
+        assert isinstance(out, np.ndarray), out
+        np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-5)
+    assert len(entries(store)) == 1
+    assert list((store / ort_cache.FOLDER).rglob("*.partial")) == []
+
+
+def test_turned_off_nothing_is_written(tmp_path, model):
+    store = tmp_path / "store"
+    f = factory(store, IMMICH_AIO_ORT_CACHE="false")
+    assert f.ort_cache is None
+    f.create(model)
+    assert not (store / ort_cache.FOLDER).exists()
