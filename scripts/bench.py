@@ -288,14 +288,35 @@ def _serve(proc: subprocess.Popen, log, base: str):
         proc.wait(30)
 
 
+def tree(pid: int) -> list[int]:
+    """The process and all its descendants (a server that forks workers, as gunicorn does)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:  # exited meanwhile
+            continue
+    return out
+
+
 def rss_mb(pid: int | None) -> float:
+    """Resident memory of the whole process tree, MB (what a container's memory holds, shared pages counted once
+    per process: for a single-process server it is the process's RSS)."""
     if pid is None:
         return float("nan")
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")), 0)
+        except OSError:
+            if p == pid:
+                raise
+    return total / 1024
 
 
 class RssMonitor:
@@ -334,15 +355,16 @@ class RssMonitor:
 class Load:
     """Closed-loop streams against one server; each stream stops by itself at the deadline."""
 
-    def __init__(self, base: str, images: list[bytes]) -> None:
+    def __init__(self, base: str, images: list[bytes], entries: dict | None = None) -> None:
         self.base, self.images = base, images
+        self.entries = entries or ENTRIES
         self.latency: dict[str, list[float]] = defaultdict(list)
         self.errors: dict[str, int] = defaultdict(int)
         self.done: dict[str, int] = defaultdict(int)
         self.lock = threading.Lock()
 
     def one(self, client: httpx.Client, task: str, i: int) -> None:
-        data = {"entries": json.dumps(ENTRIES[task])}
+        data = {"entries": json.dumps(self.entries[task])}
         files = None
         if task == "search":
             data["text"] = QUERIES[i % len(QUERIES)]

@@ -1,0 +1,289 @@
+"""immich-aio and upstream Immich ML side by side on this machine: same model files, same images, A B A B.
+
+    python scripts/side_by_side.py --immich-ml /path/to/immich-ml-venv/bin/python \\
+        --immich-ml-src /path/to/immich/machine-learning
+
+Immich ML is not installed by this script: install it as its own project says (its `uv.lock`, the `cpu`
+extra) into an environment of its own, and name that environment's Python here. It is started the way its
+CPU image starts it (`python -m immich_ml`, mimalloc preloaded, `MACHINE_LEARNING_MODEL_ARENA=false`), with
+the image's defaults otherwise; immich-aio with its defaults. Both read one model folder (byte-identical
+files, laid out as Immich ML caches them): CLIP `ViT-B-16__openai` (a ViT-B/16 image tower and a BERT-base
+text tower, random weights), SCRFD-10G-class + ArcFace-R50-class stand-ins for `buffalo_l`, and Immich's real
+`PP-OCRv5_mobile` (see scripts/bench_models.py).
+
+Each round starts each server fresh, A then B, and measures, with the whole process tree's RSS sampled
+four times a second:
+ 1. cold: the first request of each task right after start (model load included): CLIP visual, faces,
+    OCR, search, in that order;
+ 2. one request at a time per task (p50 over the 1440-px previews);
+ 3. idle, every model loaded (what RSS settles at in the last 3 s);
+ 4. each image task alone at 8 concurrent requests (throughput, peak RSS);
+ 5. Immich's job mix: 2 CLIP + 2 face + 1 OCR streams and a search every 2 s (throughput, search p95, peak RSS).
+Every figure is reported as immich-aio ÷ Immich ML per round (adjacent runs, so a machine that drifts
+between rounds drifts for both) and the median of those ratios: below 1 is faster or lighter.
+Only 127.0.0.1 is targeted; every phase stops by itself at its deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx
+from bench import ENTRIES, ROOT, Load, RssMonitor, free_port, previews
+
+CLIP = "ViT-B-16__openai"
+SIDE_ENTRIES = {
+    **ENTRIES,
+    "clip": {"clip": {"visual": {"modelName": CLIP}}},
+    "search": {"clip": {"textual": {"modelName": CLIP}}},
+}
+TASKS = ("clip", "face", "ocr", "search")
+IMAGE_TASKS = ("clip", "face", "ocr")
+MIMALLOC = ("/usr/lib/libmimalloc.so.2", "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2",
+            "/usr/lib/aarch64-linux-gnu/libmimalloc.so.2")  # fmt: skip
+AIO, IML = "immich-aio", "Immich ML"
+
+
+def layout(store: Path) -> dict[str, str]:
+    """The shared model folder: the benchmark's stand-ins plus the CLIP towers in Immich's own layout."""
+    from bench_models import ensure, immich_clip_vit_b16
+
+    made = ensure(store)
+    folder = store / "clip" / CLIP
+    if not (folder / "textual" / "tokenizer.json").is_file():
+        immich_clip_vit_b16(folder, store / "clip" / "CN-CLIP-ViT-B-16")
+        made["immich clip"] = f"{CLIP}: the CN-CLIP stand-in's towers in Immich's layout"
+    return made
+
+
+def _python_says(python: str, code: str, env: dict[str, str]) -> str:
+    done = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return done.stdout.strip() or done.stderr.strip().splitlines()[-1]
+
+
+class Server:
+    """How to start one of the two servers on a port, and what it runs on."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.name, self.argv, self.env, self.cwd = name, argv, env, cwd
+
+    def versions(self) -> dict[str, str]:
+        code = "import onnxruntime, numpy; print(onnxruntime.__version__, numpy.__version__)"
+        ort, _, np_ = _python_says(self.argv[0], code, self.env).partition(" ")
+        return {"onnxruntime": ort, "numpy": np_, "LD_PRELOAD": self.env.get("LD_PRELOAD", "")}
+
+    @contextmanager
+    def running(self, port: int):
+        env = dict(self.env, IMMICH_HOST="127.0.0.1", IMMICH_PORT=str(port))
+        with tempfile.TemporaryFile() as log:
+            # its own process group, so that gunicorn's workers go with it
+            proc = subprocess.Popen(self.argv, cwd=self.cwd, env=env, stdout=log, stderr=log, start_new_session=True)
+            base = f"http://127.0.0.1:{port}"
+            try:
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline and proc.poll() is None:
+                    try:
+                        if httpx.get(base + "/ping", timeout=1).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        time.sleep(0.1)
+                else:
+                    log.seek(0)
+                    raise RuntimeError(f"{self.name} did not start:\n" + log.read().decode(errors="replace")[-3000:])
+                yield base, proc.pid
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(30)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+
+
+def servers(args: argparse.Namespace, store: Path) -> dict[str, Server]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MACHINE_LEARNING_", "IMMICH_"))}
+    base |= {"MACHINE_LEARNING_CACHE_FOLDER": str(store), "HF_HUB_OFFLINE": "1", "ORT_DISABLE_TELEMETRY": "1"}
+    iml_python = Path(args.immich_ml)
+    iml_env = dict(base, PATH=f"{iml_python.parent}{os.pathsep}{base.get('PATH', '')}")  # it runs `python -m gunicorn`
+    iml_env["MACHINE_LEARNING_MODEL_ARENA"] = "false"  # its CPU image's setting
+    if args.immich_ml_src:
+        iml_env["PYTHONPATH"] = str(Path(args.immich_ml_src).resolve())
+    mimalloc = args.mimalloc or next((m for m in MIMALLOC if Path(m).is_file()), None)
+    if mimalloc:
+        iml_env["LD_PRELOAD"] = mimalloc
+    else:
+        print("warning: libmimalloc.so.2 not found: Immich ML runs on glibc malloc, not as its image does "
+              "(Debian: apt install libmimalloc2.0)", file=sys.stderr)  # fmt: skip
+    aio_env = dict(base, **dict(kv.split("=", 1) for kv in args.aio_env))
+    return {
+        AIO: Server(AIO, [args.aio_python, "-m", "immich_aio"], aio_env, ROOT),
+        IML: Server(IML, [str(iml_python), "-m", "immich_ml"], iml_env, Path(args.immich_ml_src or ROOT)),
+    }
+
+
+def post(base: str, task: str, image: bytes, text: str = "a cat on a sofa") -> float:
+    """One request, seconds; raises unless it is answered 200."""
+    data = {"entries": json.dumps(SIDE_ENTRIES[task])}
+    files = None
+    if task == "search":
+        data["text"] = text
+    else:
+        files = {"image": ("blob", image, "application/octet-stream")}
+    start = time.perf_counter()
+    r = httpx.post(base + "/predict", data=data, files=files, timeout=300)
+    if r.status_code != 200:
+        raise RuntimeError(f"{task}: HTTP {r.status_code}: {r.text[:300]}")
+    return time.perf_counter() - start
+
+
+def one_run(server: Server, images: list[bytes], args: argparse.Namespace, say) -> dict:
+    """Every phase against one freshly started server."""
+    out: dict = {}
+    started = time.perf_counter()
+    with server.running(free_port()) as (base, pid), RssMonitor(pid) as rss:
+        out["start_s"] = time.perf_counter() - started
+        rss.phase = "cold"
+        # the face preview with people in it last, so that every task's first image is the same kind of photo
+        out["cold_ms"] = {t: 1000 * post(base, t, images[0]) for t in TASKS}
+        say(f"  {server.name}: cold " + ", ".join(f"{t} {v:.0f} ms" for t, v in out["cold_ms"].items()))
+        rss.phase = "one at a time"
+        single = {}
+        for t in TASKS:
+            times = [post(base, t, images[i % len(images)], f"query {i}") for i in range(args.single)]
+            single[t] = 1000 * statistics.median(times)
+        out["one_ms"] = single
+        rss.phase = "idle"
+        time.sleep(args.idle)
+        out["idle_rss_mb"] = statistics.median(rss.samples["idle"][-12:])  # its last 3 s: what it settled at
+        alone = {}
+        for t in IMAGE_TASKS:
+            rss.phase = f"alone {t}"
+            load = Load(base, images, SIDE_ENTRIES)
+            load.run([(t, 0)] * 8, args.alone)
+            alone[t] = load.summary(t) | {"peak_rss_mb": max(rss.samples[f"alone {t}"], default=float("nan"))}
+        out["alone"] = alone
+        rss.phase = "mix"
+        mix = Load(base, images, SIDE_ENTRIES)
+        mix.run([("clip", 0), ("clip", 0), ("face", 0), ("face", 0), ("ocr", 0), ("search", 2.0)], args.mix)
+        out["mix"] = {t: mix.summary(t) for t in TASKS}
+        out["mix_peak_rss_mb"] = max(rss.samples["mix"])
+        out["peak_rss_mb"] = max(max(v) for v in rss.samples.values() if v)
+    errors = sum(s["errors"] for s in [*out["alone"].values(), *out["mix"].values()])
+    say(f"  {server.name}: idle {out['idle_rss_mb']:.0f} MB, mix peak {out['mix_peak_rss_mb']:.0f} MB, "
+        f"errors {errors}")  # fmt: skip
+    return out
+
+
+FIGURES: list[tuple[str, str, object]] = [
+    # (row, unit, how to read it from one run)
+    *[(f"first request after start, {t}", "ms", lambda r, t=t: r["cold_ms"][t]) for t in TASKS],
+    *[(f"one request at a time, {t} p50", "ms", lambda r, t=t: r["one_ms"][t]) for t in TASKS],
+    ("idle RSS, every model loaded", "MB", lambda r: r["idle_rss_mb"]),
+    *[(f"alone at 8 concurrent, {t} throughput", "/s", lambda r, t=t: r["alone"][t]["throughput"])
+      for t in IMAGE_TASKS],
+    *[(f"alone at 8 concurrent, {t} peak RSS", "MB", lambda r, t=t: r["alone"][t]["peak_rss_mb"])
+      for t in IMAGE_TASKS],
+    *[(f"Immich mix, {t} throughput", "/s", lambda r, t=t: r["mix"][t]["throughput"]) for t in IMAGE_TASKS],
+    ("Immich mix, search p95", "ms", lambda r: r["mix"]["search"]["p95_ms"]),
+    ("Immich mix, peak RSS", "MB", lambda r: r["mix_peak_rss_mb"]),
+    ("peak RSS, any phase (loading included)", "MB", lambda r: r["peak_rss_mb"]),
+]  # fmt: skip
+
+
+def compare(runs: dict[str, list[dict]]) -> list[dict]:
+    """Per figure: each side's values by round, the per-round ratios aio ÷ Immich ML, and their median."""
+    rows = []
+    for row, unit, read in FIGURES:
+        a = [read(r) for r in runs[AIO]]  # type: ignore[operator]
+        b = [read(r) for r in runs[IML]]  # type: ignore[operator]
+        ratios = [x / y for x, y in zip(a, b, strict=True) if y]
+        rows.append({"figure": row, "unit": unit, AIO: a, IML: b,
+                     "ratio": statistics.median(ratios) if ratios else float("nan")})  # fmt: skip
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    def span(v: list[float]) -> str:
+        fmt = "{:.2f}" if max(v, default=0) < 20 else "{:.0f}"
+        lo, hi = min(v), max(v)
+        return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+    lines = [f"| figure | {AIO} | {IML} | {AIO} ÷ {IML} (median of rounds) |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['figure']} ({r['unit']}) | {span(r[AIO])} | {span(r[IML])} | **{r['ratio']:.2f}** |")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, str]:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())  # fmt: skip
+    mem = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
+    return {"cpu": cpu, "cores": str(len(os.sched_getaffinity(0))), "memory_gib": f"{mem / 2**20:.0f}",
+            "python": platform.python_version()}  # fmt: skip
+
+
+def versions(args: argparse.Namespace, srv: dict[str, Server]) -> dict[str, dict[str, str]]:
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    out = {AIO: {"commit": commit, **srv[AIO].versions()}, IML: srv[IML].versions()}
+    code = "import pathlib, tomllib, immich_ml; p = pathlib.Path(immich_ml.__file__).parents[1] / 'pyproject.toml'; "
+    code += "print(tomllib.loads(p.read_text())['project']['version'] if p.is_file() else 'unknown')"
+    out[IML]["version"] = _python_says(srv[IML].argv[0], code, srv[IML].env)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--immich-ml", required=True, help="the Python of an environment with Immich ML's dependencies")
+    ap.add_argument("--immich-ml-src", help="Immich's machine-learning/ folder, when immich_ml is not installed")
+    ap.add_argument("--mimalloc", help="libmimalloc.so.2 to preload into Immich ML (default: found in /usr/lib)")
+    ap.add_argument("--aio-python", default=sys.executable, help="the Python immich-aio runs in (default: this one)")
+    ap.add_argument("--aio-env", action="append", default=[], metavar="KEY=VALUE", help="for immich-aio only")
+    ap.add_argument("--work-dir", type=Path, default=ROOT / ".bench", help="where the shared model folder is made")
+    ap.add_argument("--rounds", type=int, default=2, help="A B rounds (default 2)")
+    ap.add_argument("--single", type=int, default=12, help="requests per task one at a time")
+    ap.add_argument("--idle", type=float, default=10, help="seconds idle with every model loaded (>= 3)")
+    ap.add_argument("--alone", type=float, default=15, help="seconds of each task alone at 8 concurrent")
+    ap.add_argument("--mix", type=float, default=60, help="seconds of Immich's job mix")
+    ap.add_argument("--json", type=Path, help="also write every run's figures here")
+    args = ap.parse_args()
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    store = args.work_dir / "side-by-side-models"
+    made = layout(store)
+    if made:
+        say("models: " + "; ".join(made.values()))
+    images = previews()
+    srv = servers(args, store)
+    info = {"machine": machine(), "versions": versions(args, srv)}
+    say(json.dumps(info))
+    runs: dict[str, list[dict]] = {AIO: [], IML: []}
+    for k in range(args.rounds):
+        for name in (AIO, IML):
+            say(f"round {k + 1}/{args.rounds}: {name}")
+            runs[name].append(one_run(srv[name], images, args, say))
+    rows = compare(runs)
+    m, v = info["machine"], info["versions"]
+    print(f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {AIO} {v[AIO]['commit']} (ONNX Runtime "
+          f"{v[AIO]['onnxruntime']}), {IML} {v[IML]['version']} (ONNX Runtime {v[IML]['onnxruntime']}, "
+          f"LD_PRELOAD={v[IML]['LD_PRELOAD'] or 'none'}); {args.rounds} rounds A B, mix {args.mix:.0f} s")  # fmt: skip
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps({**info, "runs": runs, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
