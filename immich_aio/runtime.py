@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -145,9 +144,9 @@ class Runtime:
         return not self.jobs
 
     async def start(self) -> None:
-        # Imports a first request would otherwise wait for, done while nothing is asked of the server yet;
-        # a request that comes sooner waits on the same import (Python's import lock), never twice.
-        threading.Thread(target=_warm_imports, name="warm-imports", daemon=True).start()
+        # Imports a first request would otherwise wait for (and, done on a thread, compete with for the CPU),
+        # done before the server answers: its start takes 0.6 s longer, its first OCR request 0.6 s less.
+        await asyncio.to_thread(_warm_imports)
         # Preloading runs in the background: /ping answers from the first moment, and a request for a
         # model still loading simply waits for that one load.
         if self.settings.preload:

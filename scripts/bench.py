@@ -17,8 +17,7 @@ Phases, all in one run, with the server's RSS sampled four times a second throug
  7. idle again after the mix: what the server gives back;
  8. raw ONNX Runtime again, the server stopped: every ratio divides by the mean of 1 and 8, because
     this machine's speed drifts by 10 % and more within minutes (the drift is reported).
-With --reference FILE (default scripts/immich_ml_reference.json) the figures that file has for Immich ML
-are set beside ours as ratios (ours / Immich ML: below 1 is lighter or faster).
+Against Immich ML itself, measured side by side on the same files: scripts/side_by_side.py.
 Only 127.0.0.1 is targeted; every loop stops by itself at its deadline.
 Needs the test dependencies (`bash scripts/test.sh` installs them) to create stand-in models.
 """
@@ -443,12 +442,6 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="set for the server only, e.g. LD_PRELOAD=... or IMMICH_AIO_DECODE_BUDGET_MP=8 (repeatable)",
     )
-    ap.add_argument(
-        "--reference",
-        type=Path,
-        default=ROOT / "scripts" / "immich_ml_reference.json",
-        help="figures of another server (Immich ML) to set ours beside",
-    )
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--ocr-model", default=OCR_NAME, help="the OCR name requested (default: Immich's default)")
     args = ap.parse_args()
@@ -547,45 +540,11 @@ def main() -> int:
     results["mix"] = tasks
     results["mix_machine_use"] = sum(tasks[t]["share_of_raw"] for t in ("clip", "face", "ocr"))
     results["search_p95_ratio_loaded_vs_idle"] = tasks["search"]["p95_ms"] / results["search_idle"]["p95_ms"]
-    if args.reference and args.reference.is_file():
-        results["vs_reference"] = against(results, json.loads(args.reference.read_text()))
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print_table(results)
     return 0
-
-
-def ours(r: dict) -> dict[str, float]:
-    """Our figures under the reference file's keys."""
-    phases = r["rss_mb"]["phases"] if r.get("rss_mb") else {}
-    out = {
-        "one_at_a_time_ms.clip": r["one_at_a_time"]["clip"]["mean_ms"],
-        "one_at_a_time_ms.face": r["one_at_a_time"]["face"]["mean_ms"],
-        "one_at_a_time_ms.ocr": r["one_at_a_time"]["ocr"]["mean_ms"],
-        "one_at_a_time_ms.search": r["one_at_a_time"]["search"]["mean_ms"],
-        "alone_8_p95_ms.clip": r["solo_8_concurrent"]["clip"]["p95_ms"],
-        "alone_8_p95_ms.face": r["solo_8_concurrent"]["face"]["p95_ms"],
-        "alone_8_p95_ms.ocr": r["solo_8_concurrent"]["ocr"]["p95_ms"],
-        "mix_search_p95_ms": r["mix"]["search"]["p95_ms"],
-    }
-    if phases:
-        # idle: the larger of before and after the mix; peaks: every phase with work
-        out["idle_rss_mb"] = max(phases[p]["mean"] for p in ("idle", "idle after") if p in phases)
-        out["mix_peak_rss_mb"] = phases["mix"]["peak"]
-        quiet = {"started", "idle", "idle after"}
-        out["busy_peak_rss_mb"] = max(v["peak"] for p, v in phases.items() if p not in quiet)
-    return out
-
-
-def against(r: dict, reference: dict) -> dict[str, dict[str, float]]:
-    """ours / theirs for every figure the reference has (below 1: lighter or faster)."""
-    mine = ours(r)
-    out = {}
-    for key, theirs in reference["figures"].items():
-        if key in mine and theirs:
-            out[key] = {"ours": mine[key], "theirs": theirs, "ratio": mine[key] / theirs}
-    return out
 
 
 def print_table(r: dict) -> None:
@@ -636,10 +595,6 @@ def print_table(r: dict) -> None:
         print("\n| phase | RSS mean MB | RSS peak MB |\n|---|---|---|")
         for phase, v in m["phases"].items():
             print(f"| {phase} | {v['mean']:.0f} | {v['peak']:.0f} |")
-    if r.get("vs_reference"):
-        print("\n| figure | ours | reference | ours / reference |\n|---|---|---|---|")
-        for key, v in r["vs_reference"].items():
-            print(f"| {key} | {v['ours']:.0f} | {v['theirs']:.0f} | {v['ratio']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -221,6 +221,25 @@ def test_text_embeddings_match_torch(served, model):
         assert cos >= 0.9999, (text, cos)
 
 
+def test_saved_optimised_graphs_answer_as_torch_does(tmp_path, model):
+    """The ViT and BERT towers opened from ONNX Runtime's saved optimised graphs (ort_cache.py), as every start
+    after the first does, still match the torch model (cos >= 0.9999)."""
+    from conftest import loaded_model
+
+    store = tmp_path / "models"
+    install_tiny(ModelStore(store), model)
+    rgb = next(iter(photos().values()))
+    for start in ("first", "later"):
+        with TestClient(create_app(settings_for(store))) as client:
+            image = vec(predict(client, clip_entries("visual"), image=encode(rgb, "PNG")).json())
+            text = vec(predict(client, clip_entries("textual"), text=TEXTS[1]).json())
+            runtime = client.app.state.runtime
+            opened = {t: loaded_model(runtime, t).session._model_path for t in ("visual", "textual")}
+        assert all((".ort-cache" in path) == (start == "later") for path in opened.values()), (start, opened)
+        assert float(image @ torch_image(model, rgb)) >= 0.9999
+        assert float(text @ torch_text(model, TEXTS[1])) >= 0.9999
+
+
 def test_distinct_inputs_give_distinct_embeddings(served):
     a = vec(predict(served, clip_entries("textual"), text="海边的日落").json())
     b = vec(predict(served, clip_entries("textual"), text="发票").json())

@@ -174,3 +174,31 @@ def test_turned_off_nothing_is_written(tmp_path, model):
     assert f.ort_cache is None
     f.create(model)
     assert not (store / ort_cache.FOLDER).exists()
+
+
+def test_the_bundled_ocr_models_reopen_from_their_saved_graphs_and_run(tmp_path):
+    """Every width bucket and batch the OCR recogniser sees, on the graph reopened from the cache, in a process of
+    its own: saving ONNX Runtime's repacked weights too made exactly this crash (SIGSEGV) on reopening."""
+    import subprocess
+    import sys
+
+    from immich_aio.models.ocr import bundled_model_dir
+
+    code = f"""
+import numpy as np
+from pathlib import Path
+from immich_aio.config import Settings
+from immich_aio.sessions import SessionFactory
+store = Path({str(tmp_path / "store")!r})
+for start in ("saves", "reopens"):
+    f = SessionFactory(Settings.from_env({{"MACHINE_LEARNING_CACHE_FOLDER": str(store)}}))
+    for name, shapes in (("PP-OCRv6_rec_small.onnx", [(b, 3, 48, w) for w in (320, 160, 960, 480) for b in (1, 5)]),
+                         ("PP-OCRv6_det_small.onnx", [(1, 3, 736, 544), (1, 3, 320, 960)])):
+        s = f.create(Path({str(bundled_model_dir())!r}) / name)
+        assert (".ort-cache" in s._model_path) == (start == "reopens"), s._model_path
+        for shape in shapes:
+            s.run(None, {{s.get_inputs()[0].name: np.zeros(shape, np.float32)}})
+print("ran")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and "ran" in done.stdout, (done.returncode, done.stderr[-2000:])
