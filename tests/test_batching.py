@@ -317,3 +317,29 @@ def test_close_while_waiting_for_a_batch_to_fill_ends_cleanly(monkeypatch):
         waiting.result(10)
     assert not batcher._thread.is_alive()
     assert crashes == []
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["own-lane", "shared-gate"])
+def test_ocr_runs_take_their_own_lane_only_when_asked(make_client, lane):
+    """IMMICH_AIO_SHORT_RUNS_LANE: with every slot of the shared gate held by other work, an OCR request still
+    finishes on its own lane; without the setting it waits for a slot (it cannot finish while they are held)."""
+    from conftest import FIXTURES
+
+    client = make_client(IMMICH_AIO_SHORT_RUNS_LANE=str(lane).lower())
+    factory = client.app.state.runtime.factory
+    assert (factory.short_gate is not factory.gate) == lane
+    photo = (FIXTURES / "ocr" / "sign.jpg").read_bytes()
+    answers: list = []
+    for _ in range(factory.gate.slots):
+        factory.gate.acquire()  # CLIP and face runs holding the machine
+    try:
+        worker = threading.Thread(target=lambda: answers.append(predict(client, OCR_ENTRIES, image=photo)), daemon=True)
+        worker.start()
+        worker.join(60 if lane else 3)
+        assert worker.is_alive() != lane, "the OCR request did not take the lane it was given"
+    finally:
+        for _ in range(factory.gate.slots):
+            factory.gate.release()
+    worker.join(60)
+    assert not worker.is_alive()
+    assert len(answers) == 1 and answers[0].status_code == 200 and answers[0].json()["ocr"]["text"]

@@ -25,6 +25,9 @@ class Model(ABC):
 
     task: Task
     type: ModelType
+    # A request of this model makes a chain of short runs (OCR: a detection, then a run per width bucket of
+    # text lines): on the CPU they go through a lane of their own instead of queueing behind other models' runs.
+    short_runs: bool = False
 
     def __init__(
         self, name: str, files: dict[str, Path], factory: SessionFactory, max_batch: int | None = None
@@ -64,7 +67,7 @@ class Model(ABC):
         return Batcher(
             run,
             self.factory.policy(max_size),
-            self.factory.gate,
+            self.factory.gate_for(self.short_runs),
             interactive=interactive,
             key=key,
             name=name,
@@ -90,7 +93,7 @@ class Model(ABC):
     def run(self, feeds: dict[str, np.ndarray], job: Job) -> list[np.ndarray]:
         """One unbatched run, through the shared gate in job order."""
         job.check()  # nobody is waiting for it any more: don't spend the cores
-        with self.factory.gate.slot(job):
+        with self.factory.gate_for(self.short_runs).slot(job):
             job.check()  # the client may have left while this run waited for its slot
             job.ran = True
             return self.infer(feeds)

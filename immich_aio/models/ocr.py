@@ -96,6 +96,7 @@ def import_post_processing() -> None:
 
 class OcrDetector(Model):
     task, type = OCR, DETECTION
+    short_runs = True
 
     def __init__(self, name: str, files: dict[str, Path], factory: SessionFactory, max_side: int) -> None:
         super().__init__(name, files, factory)
@@ -148,6 +149,7 @@ class OcrDetector(Model):
 
 class OcrRecognizer(Model):
     task, type = OCR, RECOGNITION
+    short_runs = True
 
     def load(self) -> None:
         from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
