@@ -269,18 +269,22 @@ def server(store: Path, url: str | None, extra_env: dict[str, str] | None = None
         yield from _serve(proc, log, f"http://127.0.0.1:{port}")
 
 
+def wait_until_up(base: str, proc: subprocess.Popen, log, what: str = "server", seconds: float = 120) -> None:
+    """Until /ping answers; if the server exits or the deadline passes, raises with the end of its log."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(base + "/ping", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    log.seek(0)
+    raise RuntimeError(f"{what} did not start:\n" + log.read().decode(errors="replace")[-3000:])
+
+
 def _serve(proc: subprocess.Popen, log, base: str):
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/ping", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            log.seek(0)
-            raise RuntimeError("server did not start: " + log.read().decode(errors="replace"))
+        wait_until_up(base, proc, log)
         yield base, proc.pid
     finally:
         proc.terminate()

@@ -47,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
-from bench import ENTRIES, ROOT, Load, RssMonitor, allocator_in, free_port, previews, tree
+from bench import ENTRIES, ROOT, Load, RssMonitor, allocator_in, free_port, previews, tree, wait_until_up
 
 CLIP = "ViT-B-16__openai"
 SIDE_ENTRIES = {
@@ -98,16 +98,7 @@ class Server:
             proc = subprocess.Popen(self.argv, cwd=self.cwd, env=env, stdout=log, stderr=log, start_new_session=True)
             base = f"http://127.0.0.1:{port}"
             try:
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline and proc.poll() is None:
-                    try:
-                        if httpx.get(base + "/ping", timeout=1).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        time.sleep(0.1)
-                else:
-                    log.seek(0)
-                    raise RuntimeError(f"{self.name} did not start:\n" + log.read().decode(errors="replace")[-3000:])
+                wait_until_up(base, proc, log, self.name)
                 yield base, proc.pid
             finally:
                 try:
