@@ -1,21 +1,20 @@
 """ONNX Runtime's optimised graphs, kept beside the model store, so that a model loads in a fraction of the time.
 
 Creating a session optimises the graph (fusions, and on the CPU the NCHWc layout with its weights reordered)
-copies every weight out of the parsed file. The first session of a model saves that optimised graph with its
+and copies every weight out of the parsed file. The first session of a model saves that optimised graph with its
 weights in a file of their own; later sessions (each start, each reload after the idle TTL) open the saved
 graph with optimisation off, and ONNX Runtime maps the weights file instead of copying it. Measured on the
 benchmark's models (2 cores): an ArcFace-R50 loads in 0.08 s instead of 0.55 s, a ViT-B/16 in 0.5 s instead
 of 1.1 s, a BERT-base in 0.5 s instead of 0.9 s, with identical outputs (README, "Memory and runtime settings").
 
 The saved graph holds optimisations for this CPU's instruction set, so an entry is keyed by everything it
-depends on: the source file's identity (device, inode, size, modification time, as the registry watches it
-for reinstalls), ONNX Runtime's version, the providers and the CPU's model and flags. A changed source, an
-upgraded ONNX Runtime or another machine reading the same volume finds no entry and makes its own. An entry is
-written into a temporary folder and renamed into place complete, so a half-written one is never opened; one
-that fails to open is removed and the model loads from its own file. Entries of a source's earlier versions
-are removed when a new one is made. Only files on disk are cached (not graphs rewritten in memory), and only
-on the CPU: the GPU providers could not be measured here.
-"""
+depends on: the source file's identity (device, inode, size, modification time, as the registry watches it for
+reinstalls), ONNX Runtime's version, the providers and the CPU's model and flags. A changed source, an upgraded
+ONNX Runtime or another machine reading the same volume finds no entry and makes its own. An entry is written
+into a temporary folder and renamed into place complete, so a half-written one is never opened; one that fails
+to open is removed and the model loads from its own file. Entries of a source's earlier versions are removed
+when a new one is made, and those of sources that are gone at each start (`sweep`). Only files on disk are
+cached (not graphs rewritten in memory), and only on the CPU: the GPU providers could not be measured here."""
 
 from __future__ import annotations
 
@@ -69,6 +68,27 @@ class OrtCache:
     def __init__(self, store_root: Path) -> None:
         self.root = store_root / FOLDER
         self._unwritable_logged = False
+
+    def sweep(self) -> int:
+        """Remove the entries of model files that no longer exist (a deleted model's copy would stay forever)."""
+        removed = 0
+        try:
+            folders = list(self.root.iterdir())
+        except OSError:
+            return 0
+        for folder in folders:
+            sources = set()
+            for about in folder.glob(f"*/{ABOUT}"):
+                try:
+                    sources.add(json.loads(about.read_text())["source"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue  # unreadable: left to the next load of its source, which replaces it
+            if sources and not any(Path(s).exists() for s in sources):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        if removed:
+            log.info("Removed the optimised copies of %d model file(s) that are no longer in the store", removed)
+        return removed
 
     def key(self, source: Path, providers: Sequence[Any]) -> str | None:
         try:

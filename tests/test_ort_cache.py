@@ -202,3 +202,26 @@ print("ran")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0 and "ran" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+def test_copies_of_model_files_that_are_gone_are_swept_at_start(tmp_path, model):
+    from conftest import settings_for
+    from starlette.testclient import TestClient
+
+    from immich_aio.app import create_app
+
+    store = tmp_path / "store"
+    other = make_arcface(store / "facial-recognition" / "antelopev2" / "recognition" / "model.onnx", seed=3)
+    f = factory(store)
+    f.create(model)
+    f.create(other)
+    assert len(entries(store)) == 2
+    junk = store / ort_cache.FOLDER / "0123456789abcdef" / "somekey"
+    junk.mkdir(parents=True)
+    (junk / ort_cache.ABOUT).write_text("not json")  # unreadable: left alone
+    shutil.rmtree(other.parents[1])  # the user removed that pack
+    with TestClient(create_app(settings_for(store))):
+        pass
+    [kept] = [e for e in entries(store) if e.parent.name != "0123456789abcdef"]
+    assert kept.parent == f.ort_cache.folder(model)
+    assert junk.exists()
