@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import time
 import uuid
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
+
+from immich_aio.store import file_identity
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +60,6 @@ def cpu_fingerprint() -> str:
                 break
     except OSError:
         pass
-    import platform
-
     return hashlib.sha256(f"{platform.machine()}|{model}|{flags}".encode()).hexdigest()[:16]
 
 
@@ -91,13 +92,12 @@ class OrtCache:
         return removed
 
     def key(self, source: Path, providers: Sequence[Any]) -> str | None:
-        try:
-            st = source.stat()
-        except OSError:
+        identity = file_identity(source)  # what the registry watches for reinstalls
+        if identity is None:
             return None
         parts = {
             "format": FORMAT,
-            "source": [str(source.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns],
+            "source": [str(source.resolve()), *identity],
             "onnxruntime": ort.__version__,
             "providers": [p if isinstance(p, str) else [p[0], sorted(p[1].items())] for p in providers],
             "cpu": cpu_fingerprint(),
@@ -116,7 +116,7 @@ class OrtCache:
     ) -> ort.InferenceSession:
         key = self.key(source, providers)
         if key is None:  # the source is gone: ONNX Runtime's own error says so
-            return ort.InferenceSession(str(source), sess_options=options(), providers=providers)
+            return _plain(source, options, providers)
         entry = self.folder(source) / key
         if (entry / GRAPH).is_file():
             opts = options()
@@ -136,15 +136,16 @@ class OrtCache:
         try:
             partial.mkdir(parents=True)
             # the saved graph is about the size of the source: never let it take the store's last free space
-            if shutil.disk_usage(partial).free < 2 * source.stat().st_size + DISK_MARGIN:
-                raise OSError(f"too little free disk to save {source.stat().st_size >> 20} MB")
+            size = source.stat().st_size
+            if shutil.disk_usage(partial).free < 2 * size + DISK_MARGIN:
+                raise OSError(f"too little free disk to save {size >> 20} MB")
         except OSError as e:
             shutil.rmtree(partial, ignore_errors=True)
             if not self._unwritable_logged:
                 self._unwritable_logged = True
                 log.info("Not keeping an optimised copy of %s in %s (%s); models load from their own files",
                          source.name, self.root, e.strerror or e)  # fmt: skip
-            return ort.InferenceSession(str(source), sess_options=options(), providers=providers)
+            return _plain(source, options, providers)
         opts = options()
         opts.optimized_model_filepath = str(partial / GRAPH)
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", WEIGHTS)
@@ -156,8 +157,7 @@ class OrtCache:
             session = ort.InferenceSession(str(source), sess_options=opts, providers=providers)
         except Exception:
             shutil.rmtree(partial, ignore_errors=True)
-            # a bad model file: its error, without the saving part
-            return ort.InferenceSession(str(source), sess_options=options(), providers=providers)
+            return _plain(source, options, providers)  # a bad model file: its error, without the saving part
         try:
             (partial / ABOUT).write_text(json.dumps({"source": str(source), "onnxruntime": ort.__version__}) + "\n")
             partial.rename(entry)  # complete, or not there at all
@@ -181,3 +181,8 @@ class OrtCache:
                     continue
             # A running session may still map an old entry's weights: unlinking leaves its mapping valid.
             shutil.rmtree(other, ignore_errors=True)
+
+
+def _plain(source: Path, options: Callable[[], ort.SessionOptions], providers: Sequence[Any]) -> ort.InferenceSession:
+    """The session from the model's own file, as without the cache."""
+    return ort.InferenceSession(str(source), sess_options=options(), providers=providers)

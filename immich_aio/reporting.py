@@ -121,7 +121,7 @@ def banner(rt: Runtime) -> str:
         f"immich-aio {__version__} on ONNX Runtime {ort.__version__}, providers {', '.join(f.providers)}",
         f"  model store {rt.store.root}; memory allocator {allocator}{hint}",
         f"  threads: {f.intra_threads} per run, {f.gate.slots} concurrent runs"
-        f"{' (+1 for OCR)' if f.short_gate is not f.gate else ''}, "
+        f"{' (+1 for OCR)' if f.short_lane else ''}, "
         f"{rt.settings.request_threads} request threads; batches up to {f.batch_size}; "
         f"decode budget {rt.budget.total / 1e6:g} MP",
     ]

@@ -79,8 +79,7 @@ class Runtime:
             store=self.store,
             listener=self.metrics.model_event,
         )
-        lanes = {id(g): g.slots for g in (self.factory.gate, self.factory.short_gate)}  # one gate, or two
-        budget = settings.decode_budget_pixels or DECODE_MP_PER_RUN * 1_000_000 * sum(lanes.values())
+        budget = settings.decode_budget_pixels or DECODE_MP_PER_RUN * 1_000_000 * self.factory.run_slots
         self.budget = PixelBudget(budget, settings.decode_wait_s)
         self.engine = Engine(self.registry, self.budget, settings.max_pixels)
         self.admission = Admission(

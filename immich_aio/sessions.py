@@ -75,6 +75,16 @@ class SessionFactory:
     def gate_for(self, short_runs: bool) -> RunGate:
         return self.short_gate if short_runs else self.gate
 
+    @property
+    def short_lane(self) -> bool:
+        """Whether OCR's short runs have a gate of their own (IMMICH_AIO_SHORT_RUNS_LANE)."""
+        return self.short_gate is not self.gate
+
+    @property
+    def run_slots(self) -> int:
+        """Runs that may go at once, every lane counted."""
+        return self.gate.slots + (self.short_gate.slots if self.short_lane else 0)
+
     def policy(self, max_size: int | None = None) -> BatchPolicy:
         return BatchPolicy(max_size or self.batch_size, self.settings.batch_max_wait_ms / 1000)
 
