@@ -355,6 +355,13 @@ class RssMonitor:
         }
 
 
+def form(entries: dict, task: str, image: bytes, text: str) -> tuple[dict, dict | None]:
+    """The /predict form for one task: the text for a search, the image otherwise."""
+    if task == "search":
+        return {"entries": json.dumps(entries), "text": text}, None
+    return {"entries": json.dumps(entries)}, {"image": ("blob", image, "application/octet-stream")}
+
+
 class Load:
     """Closed-loop streams against one server; each stream stops by itself at the deadline."""
 
@@ -367,12 +374,7 @@ class Load:
         self.lock = threading.Lock()
 
     def one(self, client: httpx.Client, task: str, i: int) -> None:
-        data = {"entries": json.dumps(self.entries[task])}
-        files = None
-        if task == "search":
-            data["text"] = QUERIES[i % len(QUERIES)]
-        else:
-            files = {"image": ("blob", self.images[i % len(self.images)], "application/octet-stream")}
+        data, files = form(self.entries[task], task, self.images[i % len(self.images)], QUERIES[i % len(QUERIES)])
         start = time.perf_counter()
         try:
             ok = client.post(self.base + "/predict", data=data, files=files, timeout=300).status_code == 200

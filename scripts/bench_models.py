@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -185,19 +186,16 @@ def immich_clip_vit_b16(folder: Path, cn_clip: Path) -> Path:
     """The CN-CLIP ViT-B-16 stand-in's towers in Immich's own CLIP layout, so Immich ML serves the same files.
 
     Immich ML reads `config.json`, `visual/preprocess_cfg.json`, `textual/tokenizer.json` and
-    `textual/tokenizer_config.json`, and feeds an OpenCLIP text tower int32 ids named `text`; the exported
-    tower takes int64, so a Cast is put in front of it. The tokenizer is a small byte-level BPE (OpenAI
-    CLIP's kind, from the tests) whose ids fall inside the tower's vocabulary. Same compute as the CN-CLIP
-    towers: a ViT-B/16 image tower at 224 px and a BERT-base text tower at 52 tokens.
+    `textual/tokenizer_config.json` (written as the tests write them for OpenAI's CLIP family), and feeds an
+    OpenCLIP text tower int32 ids named `text`; the exported tower takes int64, so a Cast is put in front of it.
+    The tokenizer is a small byte-level BPE whose ids fall inside the tower's vocabulary. Same compute as the
+    CN-CLIP towers: a ViT-B/16 image tower at 224 px and a BERT-base text tower at 52 tokens.
     """
     sys.path.insert(0, str(ROOT / "tests"))
-    from immich_clip_models import OPENAI, build_tokenizer
+    from immich_clip_models import FAMILIES, write_files
 
     stage = folder.with_name(folder.name + ".partial")
     shutil.rmtree(stage, ignore_errors=True)
-    (stage / "visual").mkdir(parents=True)
-    (stage / "textual").mkdir()
-    shutil.copyfile(cn_clip / "visual" / "model.onnx", stage / "visual" / "model.onnx")
     text = onnx.load(str(cn_clip / "textual" / "model.onnx"))
     graph = text.graph
     old = graph.input[0]
@@ -207,34 +205,14 @@ def immich_clip_vit_b16(folder: Path, cn_clip: Path) -> Path:
     graph.node.insert(0, helper.make_node("Cast", [old.name], ["text_int64"], to=TensorProto.INT64))
     graph.input.remove(old)
     graph.input.insert(0, helper.make_tensor_value_info("text", TensorProto.INT32, dims))
-    onnx.save(text, str(stage / "textual" / "model.onnx"))
-    context = int(dims[1])
     cfg = json.loads((cn_clip / "config.json").read_text())
-    (stage / "config.json").write_text(
-        json.dumps(
-            {
-                "embed_dim": cfg["embed_dim"],
-                "vision_cfg": {"image_size": cfg["image_size"]},
-                "text_cfg": {"context_length": context},
-            }
-        )
-    )
-    size = cfg["image_size"]
-    (stage / "visual" / "preprocess_cfg.json").write_text(
-        json.dumps(
-            {
-                "size": [size, size],
-                "mode": "RGB",
-                "mean": OPENAI[0],
-                "std": OPENAI[1],
-                "interpolation": "bicubic",
-                "resize_mode": "shortest",
-            }
-        )
-    )
-    tok = build_tokenizer("bpe")
-    tok.save(str(stage / "textual" / "tokenizer.json"))
-    (stage / "textual" / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
+    family = dataclasses.replace(
+        FAMILIES["openclip"], name=folder.name, dim=cfg["embed_dim"], context_length=int(dims[1]),
+        image_size=cfg["image_size"],
+    )  # fmt: skip
+    write_files(stage, family)
+    shutil.copyfile(cn_clip / "visual" / "model.onnx", stage / "visual" / "model.onnx")
+    onnx.save(text, str(stage / "textual" / "model.onnx"))
     shutil.rmtree(folder, ignore_errors=True)
     stage.rename(folder)
     return folder

@@ -47,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
-from bench import ENTRIES, ROOT, Load, RssMonitor, allocator_in, free_port, previews, tree, wait_until_up
+from bench import ENTRIES, ROOT, Load, RssMonitor, allocator_in, form, free_port, previews, tree, wait_until_up
 
 CLIP = "ViT-B-16__openai"
 SIDE_ENTRIES = {
@@ -130,19 +130,23 @@ def servers(args: argparse.Namespace, store: Path) -> dict[str, Server]:
     }
 
 
-def post(base: str, task: str, image: bytes, text: str = "a cat on a sofa") -> float:
-    """One request, seconds; raises unless it is answered 200."""
-    data = {"entries": json.dumps(SIDE_ENTRIES[task])}
-    files = None
-    if task == "search":
-        data["text"] = text
-    else:
-        files = {"image": ("blob", image, "application/octet-stream")}
+def answer(base: str, task: str, image: bytes, text: str = "a cat on a sofa") -> tuple[httpx.Response, float]:
+    """One request and its seconds; raises unless it is answered 200."""
+    data, files = form(SIDE_ENTRIES[task], task, image, text)
     start = time.perf_counter()
     r = httpx.post(base + "/predict", data=data, files=files, timeout=300)
     if r.status_code != 200:
         raise RuntimeError(f"{task}: HTTP {r.status_code}: {r.text[:300]}")
-    return time.perf_counter() - start
+    return r, time.perf_counter() - start
+
+
+def post(base: str, task: str, image: bytes, text: str = "a cat on a sofa") -> float:
+    return answer(base, task, image, text)[1]
+
+
+def cold(base: str, images: list[bytes]) -> dict[str, float]:
+    """The first request of each task, in the same order for both servers (ms)."""
+    return {t: 1000 * post(base, t, images[0]) for t in TASKS}
 
 
 def one_run(server: Server, images: list[bytes], args: argparse.Namespace, say) -> dict:
@@ -154,7 +158,7 @@ def one_run(server: Server, images: list[bytes], args: argparse.Namespace, say) 
         out["allocator"] = " + ".join(sorted({allocator_in(p) for p in tree(pid)}))
         rss.phase = "cold"
         # the face preview with people in it last, so that every task's first image is the same kind of photo
-        out["cold_ms"] = {t: 1000 * post(base, t, images[0]) for t in TASKS}
+        out["cold_ms"] = cold(base, images)
         say(f"  {server.name}: cold " + ", ".join(f"{t} {v:.0f} ms" for t, v in out["cold_ms"].items()))
         rss.phase = "one at a time"
         single = {}
@@ -190,18 +194,13 @@ def one_run(server: Server, images: list[bytes], args: argparse.Namespace, say) 
 
 
 def face_counts(base: str, images: list[bytes]) -> list[int]:
-    counts = []
-    for image in images:
-        data = {"entries": json.dumps(SIDE_ENTRIES["face"])}
-        r = httpx.post(base + "/predict", data=data, files={"image": ("blob", image)}, timeout=300)
-        counts.append(len(r.json()["facial-recognition"]))
-    return counts
+    return [len(answer(base, "face", image)[0].json()["facial-recognition"]) for image in images]
 
 
 def cold_only(server: Server, images: list[bytes]) -> dict[str, float]:
     """The first request of each task right after a start, and nothing else."""
     with server.running(free_port()) as (base, _pid):
-        return {t: 1000 * post(base, t, images[0]) for t in TASKS}
+        return cold(base, images)
 
 
 def reload_run(server: Server, images: list[bytes], seconds: float) -> dict[str, float]:

@@ -180,27 +180,34 @@ def _textual(path: Path, fam: Family, vocab: int, pad_id: int, seed: int) -> Pat
     )
 
 
-def install(store: Path, family: str, seed: int = 0, name: str | None = None) -> Path:
-    """An Immich ML cache folder `<store>/clip/<name>/` for one family; returns the folder."""
-    fam = FAMILIES[family]
-    folder = store / "clip" / (name or fam.name)
+def write_files(folder: Path, fam: Family) -> Tokenizer:
+    """Everything of Immich's CLIP layout but the two towers: config.json, the image preprocessing, the tokenizer
+    and its config. Returns the tokenizer, whose ids the text tower must take."""
     text_cfg = {"context_length": fam.context_length, **fam.extra_text_cfg}
     if fam.canonicalize:
         text_cfg["tokenizer_kwargs"] = {"clean": "canonicalize"}
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "visual").mkdir(parents=True, exist_ok=True)
+    (folder / "textual").mkdir(exist_ok=True)
     (folder / "config.json").write_text(
         json.dumps({"embed_dim": fam.dim, "vision_cfg": {"image_size": fam.image_size}, "text_cfg": text_cfg})
     )
-    _visual(folder / "visual" / "model.onnx", fam, seed)
     (folder / "visual" / "preprocess_cfg.json").write_text(
         json.dumps({"size": [fam.image_size, fam.image_size], "mode": "RGB", "mean": fam.mean, "std": fam.std,
                     "interpolation": "bicubic", "resize_mode": "squash" if fam.tokenizer == "t5" else "shortest"})
     )  # fmt: skip
     tok = build_tokenizer(fam.tokenizer)
-    (folder / "textual").mkdir(exist_ok=True)
     tok.save(str(folder / "textual" / "tokenizer.json"))
-    pad = {"content": fam.pad_token, "special": True} if family == "mclip" else fam.pad_token  # both forms occur
+    pad = {"content": fam.pad_token, "special": True} if fam.mclip else fam.pad_token  # both forms occur
     (folder / "textual" / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad}))
+    return tok
+
+
+def install(store: Path, family: str, seed: int = 0, name: str | None = None) -> Path:
+    """An Immich ML cache folder `<store>/clip/<name>/` for one family; returns the folder."""
+    fam = FAMILIES[family]
+    folder = store / "clip" / (name or fam.name)
+    tok = write_files(folder, fam)
+    _visual(folder / "visual" / "model.onnx", fam, seed)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     _textual(folder / "textual" / "model.onnx", fam, vocab, tok.token_to_id(fam.pad_token), seed + 1)
     return folder
