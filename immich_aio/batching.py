@@ -49,6 +49,15 @@ class RunGate:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def first_in_line(self, priority: int) -> bool:
+        """Whether a run of this priority would be granted next: no one older waits for a slot.
+
+        A holder asks before running its next batch under the slot it already has, instead of giving
+        the slot to a younger job and queueing behind that job's run.
+        """
+        with self._lock:
+            return not self._waiting or self._waiting[0][0] > priority
+
     def acquire(self, priority: int = 0) -> None:
         with self._lock:
             if self._free and not self._waiting:
@@ -86,6 +95,9 @@ class RunGate:
 class BatchPolicy:
     max_size: int = 8
     max_wait_s: float = 0.0
+    # Batches run back to back under one gate slot while their job is the oldest in line (e.g. the
+    # other width buckets of one photo's text lines); bounded, so a slot always comes back to the gate.
+    hold_runs: int = 8
 
 
 class BatcherClosed(RuntimeError):
@@ -168,15 +180,22 @@ class Batcher(Generic[T, R]):
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
 
-    def _take(self) -> list[_Queued[T, R]] | None:
+    def _take(self, *, held: bool = False) -> list[_Queued[T, R]] | None:
+        """The next batch: the oldest item and the items of its key behind it, up to max_size.
+
+        `held`: a gate slot is held for it, so never wait (None when nothing is queued), and take it
+        only if its job is older than every run waiting at the gate.
+        """
         with self._cond:
             while True:
-                while not self._queue and not self._closed:
+                while not self._queue and not self._closed and not held:
                     self._cond.wait()
-                if self._closed:
+                if self._closed or (held and not self._queue):
+                    return None
+                if held and not self._gate.first_in_line(self._queue[0].seq):
                     return None
                 under_load = bool(self.batch_sizes) and self.batch_sizes[-1] > 1  # the last run was a batch
-                if self.policy.max_wait_s > 0 and under_load and len(self._queue) < self.policy.max_size:
+                if not held and self.policy.max_wait_s > 0 and under_load and len(self._queue) < self.policy.max_size:
                     # Under load wait briefly for more; when idle, never.
                     deadline = time.monotonic() + self.policy.max_wait_s
                     while len(self._queue) < self.policy.max_size and not self._closed:
@@ -208,27 +227,41 @@ class Batcher(Generic[T, R]):
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
             job = batch[0].job  # the oldest job in the batch decides its place at the gate
-            try:
-                with self._gate.slot(job if not self._interactive else _INTERACTIVE):
+            failed: tuple[list[_Queued[T, R]], Exception] | None = None
+            with self._gate.slot(job if not self._interactive else _INTERACTIVE):
+                for run_no in range(self.policy.hold_runs):
                     batch = self._still_wanted(batch)  # clients may have left while the batch waited
-                    if not batch:
-                        continue
-                    for q in batch:
-                        q.job.ran = True
-                    self.batch_sizes.append(len(batch))
-                    if self._on_batch is not None:
-                        self._on_batch(len(batch))
-                    results = list(self._run([q.item for q in batch]))
-                if len(results) != len(batch):
-                    raise RuntimeError(f"batch run returned {len(results)} results for {len(batch)} items")
-            except Exception as e:
+                    if batch:
+                        try:
+                            results = self._execute(batch)
+                        except Exception as e:
+                            failed = (batch, e)  # retried item by item below, each with its own slot
+                            break
+                        for q, result in zip(batch, results, strict=True):
+                            q.future.set_result(result)
+                    if self._interactive or run_no + 1 == self.policy.hold_runs:
+                        break
+                    next_batch = self._take(held=True)
+                    if next_batch is None:
+                        break
+                    batch = next_batch
+            if failed is not None:
+                batch, error = failed
                 if len(batch) > 1:
                     self._run_one_by_one(batch)
                 else:
-                    batch[0].future.set_exception(e)
-                continue
-            for q, result in zip(batch, results, strict=True):
-                q.future.set_result(result)
+                    batch[0].future.set_exception(error)
+
+    def _execute(self, batch: list[_Queued[T, R]]) -> list[R]:
+        for q in batch:
+            q.job.ran = True
+        self.batch_sizes.append(len(batch))
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        results = list(self._run([q.item for q in batch]))
+        if len(results) != len(batch):
+            raise RuntimeError(f"batch run returned {len(results)} results for {len(batch)} items")
+        return results
 
     @staticmethod
     def _still_wanted(batch: list[_Queued[T, R]]) -> list[_Queued[T, R]]:

@@ -184,6 +184,100 @@ def test_a_started_request_finishes_first():
     assert order == ["recognition 1", "recognition 2", "detection 0", "detection 1"]
 
 
+def _bucketed(gate: RunGate, order: list[str], hold_runs: int = 8, on_run=None) -> Batcher:
+    """A batcher whose items are (key, n): one run per key, as OCR lines run per width bucket."""
+
+    def run(items):
+        order.append(f"bucket {items[0][0]}")
+        if on_run is not None:
+            on_run(items)
+        return [n for _key, n in items]
+
+    return Batcher(run, BatchPolicy(8, hold_runs=hold_runs), gate, key=lambda item: item[0])
+
+
+def _younger_run(gate: RunGate, job: Job, order: list[str], name: str) -> threading.Thread:
+    def go() -> None:
+        with gate.slot(job):
+            order.append(name)
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t
+
+
+def test_a_photos_buckets_run_back_to_back_under_its_slot():
+    """Issue 19: one photo's text lines of several width buckets run one after another under the slot the
+    first bucket got, instead of each bucket queueing behind a younger request's run."""
+    gate = RunGate(1)
+    order: list[str] = []
+    photo, younger = Job(), Job()
+    recognition = _bucketed(gate, order)
+    gate.acquire()  # another run holds the only slot
+    lines = recognition.submit_many([(320, 1), (640, 2), (960, 3)], photo)
+    wait_for(lambda: gate.waiting >= 1, "the first bucket waiting at the gate")
+    other = _younger_run(gate, younger, order, "younger request")
+    wait_for(lambda: gate.waiting >= 2, "the younger request waiting at the gate")
+    gate.release()
+    assert [f.result(10) for f in lines] == [1, 2, 3]
+    other.join(10)
+    assert not other.is_alive()
+    recognition.close()
+    assert order == ["bucket 320", "bucket 640", "bucket 960", "younger request"]
+
+
+def test_a_held_slot_goes_to_an_older_job_and_holding_is_bounded():
+    """The slot is kept only while the photo is the oldest in line, and for at most hold_runs runs."""
+    gate = RunGate(1)
+    order: list[str] = []
+    older, photo = Job(), Job()
+    threads: list[threading.Thread] = []
+
+    def older_arrives(items) -> None:  # during the photo's first run, an older job's run queues at the gate
+        if items[0][0] == 320:
+            threads.append(_younger_run(gate, older, order, "older request"))
+            wait_for(lambda: gate.waiting >= 1, "the older request waiting at the gate")
+
+    recognition = _bucketed(gate, order, on_run=older_arrives)
+    lines = recognition.submit_many([(320, 1), (640, 2), (960, 3)], photo)
+    assert [f.result(10) for f in lines] == [1, 2, 3]
+    threads[0].join(10)
+    recognition.close()
+    assert order == ["bucket 320", "older request", "bucket 640", "bucket 960"]
+
+    order.clear()
+    bounded = _bucketed(gate, order, hold_runs=2)
+    gate.acquire()
+    lines = bounded.submit_many([(320, 1), (640, 2), (960, 3)], Job())
+    wait_for(lambda: gate.waiting >= 1, "the first bucket waiting at the gate")
+    other = _younger_run(gate, Job(), order, "younger request")
+    wait_for(lambda: gate.waiting >= 2, "the younger request waiting at the gate")
+    gate.release()
+    assert [f.result(10) for f in lines] == [1, 2, 3]
+    other.join(10)
+    bounded.close()
+    assert order == ["bucket 320", "bucket 640", "younger request", "bucket 960"]
+
+
+def test_a_failed_run_under_a_held_slot_is_retried_item_by_item_without_deadlock():
+    """A batch that fails in the middle of a hold gives the slot back before its items are retried one by one
+    (each retry takes a slot: with one slot, retrying under the held one would wait for itself)."""
+    gate = RunGate(1)
+
+    def run(items):
+        if len(items) > 1 and items[0][0] == 640:
+            raise ValueError("a bad batch")
+        return [n for _key, n in items]
+
+    recognition = Batcher(run, BatchPolicy(8), gate, key=lambda item: item[0])
+    gate.acquire()
+    lines = recognition.submit_many([(320, 1), (640, 2), (640, 3)], Job())
+    wait_for(lambda: gate.waiting >= 1, "the first bucket waiting at the gate")
+    gate.release()
+    assert [f.result(10) for f in lines] == [1, 2, 3]
+    recognition.close()
+
+
 def test_close_fails_pending_work_and_refuses_new():
     batcher, rec, release = blocked_batcher()
     batcher.submit(0, Job())
