@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 # Quiet this long after the last answer: the memory the requests freed goes back to the system. Long
 # enough that a steady stream of jobs (Immich's queues) never pays for pages it would fault in again.
 IDLE_TRIM_S = 2.0
+# And while busy, this often: the allocator keeps freed pages for the next requests (none purged on a timer), so
+# without it memory stays at the high-water mark of whatever ran before, e.g. a burst of OCR before the usual
+# mix (README, "Memory and runtime settings"). A purge costs the next runs some page faults: about 1 % at this rate.
+BUSY_TRIM_S = 10.0
 # Decoded pixels per concurrent run: about three 1440-px previews, one in its run and two ready for the
 # next, so the runs never wait for a decode while queued requests hold only their (compressed) upload.
 DECODE_MP_PER_RUN = 8
@@ -154,6 +158,7 @@ class Runtime:
         if self.settings.preload:
             self._tasks.append(asyncio.create_task(self.run(self.preload)))
         self._tasks.append(asyncio.create_task(self._reap_forever()))
+        self._tasks.append(asyncio.create_task(self._trim_while_busy()))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -197,6 +202,14 @@ class Runtime:
                     self.registry.load(self.registry.resolve(task, type_, name), pin=True)
                 except (PredictError, KeyError) as e:
                     log.error("Preload of %s.%s %r failed: %s", task, type_, name, getattr(e, "detail", e))
+
+    async def _trim_while_busy(self) -> None:
+        """Under steady work, every BUSY_TRIM_S: the pages a busier moment left behind go back to the system."""
+        while True:
+            await asyncio.sleep(BUSY_TRIM_S)
+            if self.jobs and not self._draining:
+                with contextlib.suppress(RuntimeError):  # the executor has shut down
+                    self.executor.submit(memory.trim)
 
     async def _reap_forever(self) -> None:
         while True:

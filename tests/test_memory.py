@@ -110,6 +110,7 @@ def test_memory_goes_back_when_the_server_falls_quiet_never_while_it_works(make_
 
     trims: list[float] = []
     monkeypatch.setattr(runtime, "IDLE_TRIM_S", 0.3)
+    monkeypatch.setattr(runtime, "BUSY_TRIM_S", 1000.0)  # its own test below
     monkeypatch.setattr(memory, "trim", lambda: trims.append(time.monotonic()))
     release, entered = threading.Event(), threading.Event()
     real = OcrRecognizer.predict
@@ -141,3 +142,39 @@ def test_memory_goes_back_when_the_server_falls_quiet_never_while_it_works(make_
     assert len(trims) == 1 and trims[0] - finished >= 0.3
     time.sleep(0.6)
     assert len(trims) == 1  # once per quiet spell
+
+
+def test_memory_goes_back_every_so_often_while_the_server_stays_busy(make_client, monkeypatch):
+    """Issue 19: freed pages are kept for the next requests, but not for ever: under steady work they go back
+    every BUSY_TRIM_S, so a burst (a library's OCR pass) does not set the memory of everything after it."""
+    from immich_aio import runtime
+    from immich_aio.models.ocr import OcrRecognizer
+
+    trims: list[float] = []
+    monkeypatch.setattr(runtime, "IDLE_TRIM_S", 1000.0)  # only the busy trim can happen here
+    monkeypatch.setattr(runtime, "BUSY_TRIM_S", 0.2)
+    monkeypatch.setattr(memory, "trim", lambda: trims.append(time.monotonic()))
+    release, entered = threading.Event(), threading.Event()
+    real = OcrRecognizer.predict
+
+    def held(self, payload, options):
+        entered.set()
+        assert release.wait(30)
+        return real(self, payload, options)
+
+    monkeypatch.setattr(OcrRecognizer, "predict", held)
+    client = make_client()
+    data = {"entries": json.dumps(OCR_ENTRIES)}
+    with ThreadPoolExecutor(1) as pool:
+        image = encode(np.full((64, 64, 3), 255, "uint8"))
+        busy = pool.submit(client.post, "/predict", data=data, files={"image": image})
+        assert entered.wait(30)
+        deadline = time.monotonic() + 10
+        while len(trims) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(trims) >= 2  # while the request was in flight
+        release.set()
+        assert busy.result(30).status_code == 200
+    quiet_since = len(trims)
+    time.sleep(0.6)
+    assert len(trims) <= quiet_since + 1  # nothing in flight: the busy trim stops (at most one already due)
