@@ -240,6 +240,7 @@ class Settings:
     mt_ocr_model: str = "PP-OCRv6_small"
     clip_reduced_decode: bool = False
     ort_cache: bool = True  # keep ONNX Runtime's optimised graphs in <store>/.ort-cache (ort_cache.py)
+    ort_cache_packed: bool = True  # and their weights as the CPU kernels pack them, checked in a child (ort_pack.py)
     allocator: str = "auto"  # auto | jemalloc | mimalloc | glibc
     memory_reserve_bytes: int = 64 * 1024 * 1024  # admission: memory always left free
     disk_reserve_bytes: int = 64 * 1024 * 1024  # admission: spool disk always left free
@@ -319,6 +320,7 @@ class Settings:
             shutdown_grace_s=env.number("IMMICH_AIO_SHUTDOWN_GRACE_S", cls.shutdown_grace_s, 0, 3600),
             clip_reduced_decode=env.boolean("IMMICH_AIO_CLIP_REDUCED_DECODE", cls.clip_reduced_decode),
             ort_cache=env.boolean("IMMICH_AIO_ORT_CACHE", cls.ort_cache),
+            ort_cache_packed=env.boolean("IMMICH_AIO_ORT_CACHE_PACKED", cls.ort_cache_packed),
             auto_fetch=env.boolean("IMMICH_AIO_AUTO_FETCH", cls.auto_fetch)
             and not env.boolean("HF_HUB_OFFLINE", False),
             auto_fetch_clip=env.choice("IMMICH_AIO_AUTO_FETCH_CLIP", cls.auto_fetch_clip, CLIP_CHOICES),

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -95,6 +96,12 @@ class Runtime:
         self._draining = False
         self._idle = asyncio.Event()  # set while nothing is in flight
         self._idle.set()
+        # Set while nothing has been in flight for IDLE_TRIM_S (and at start), cleared by the next request:
+        # background work waits for it (the optimised-model cache's packing).
+        self.settled = threading.Event()
+        self.settled.set()
+        if self.factory.ort_cache is not None:
+            self.factory.ort_cache.quiet = self.settled
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -110,6 +117,7 @@ class Runtime:
         job = Job(interactive=interactive)
         self.jobs.add(job)
         self._idle.clear()
+        self.settled.clear()
         return job
 
     def done(self, job: Job) -> None:
@@ -124,6 +132,7 @@ class Runtime:
         """Still nothing in flight since that moment: give freed memory back (memory.trim), off the loop."""
         if quiet != self._quiet or self.jobs or self._draining:
             return
+        self.settled.set()
         with contextlib.suppress(RuntimeError):  # the executor has shut down
             self.executor.submit(memory.trim)
 
@@ -167,6 +176,8 @@ class Runtime:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, RuntimeError):
                 await task
+        if self.factory.ort_cache is not None:
+            self.factory.ort_cache.close()  # a packing child under way goes with the server
         self.interactive.shutdown(wait=True, cancel_futures=True)
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.registry.unload_all()

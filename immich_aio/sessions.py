@@ -70,7 +70,11 @@ class SessionFactory:
         )
         self.batch_size = settings.batch_max_size or (4 if self.cpu_only else 16)
         # Saved optimised graphs load in a fraction of the time (ort_cache.py); CPU only, as measured.
-        self.ort_cache = OrtCache(settings.cache_folder.expanduser()) if settings.ort_cache and self.cpu_only else None
+        self.ort_cache = (
+            OrtCache(settings.cache_folder.expanduser(), packed=settings.ort_cache_packed)
+            if settings.ort_cache and self.cpu_only
+            else None
+        )
 
     def gate_for(self, short_runs: bool) -> RunGate:
         return self.short_gate if short_runs else self.gate

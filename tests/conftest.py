@@ -8,6 +8,9 @@ os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # before anything imports onnxruntime
 # Servers started by tests never reach for the real hubs: fetching on first use is switched on by the tests of it,
 # against the local stand-in hub.
 os.environ["IMMICH_AIO_AUTO_FETCH"] = "false"
+# Nor do they pack the optimised models' weights in a child process (it would write into stores that tests inspect,
+# and cost a process per model): tests/test_ort_cache.py switches it on where it is tested.
+os.environ["IMMICH_AIO_ORT_CACHE_PACKED"] = "false"
 
 import io
 import json
@@ -26,6 +29,16 @@ from immich_aio.app import create_app
 from immich_aio.config import Settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _no_packing_unless_asked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process too, whatever settings a test builds, unless it is marked `packs`."""
+    if "packs" not in request.keywords:
+        from immich_aio.ort_cache import OrtCache
+
+        monkeypatch.setattr(OrtCache, "_pack_later", lambda *args: None)
+
 
 OCR_ENTRIES = {
     "ocr": {

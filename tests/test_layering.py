@@ -37,6 +37,7 @@ LAYERS: list[list[str]] = [
     ["payload", "batching", "config"],
     ["metrics", "imaging", "memory", "access_log", "http_form", "protocol", "names.fetchable", "names.catalog"],
     ["ort_cache"],
+    ["ort_pack"],
     ["store", "models.outputs", "jobs"],
     ["errors", "tasks"],
     ["__init__", "adapters", "download", "models", "names"],

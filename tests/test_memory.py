@@ -129,10 +129,12 @@ def test_memory_goes_back_when_the_server_falls_quiet_never_while_it_works(make_
     with ThreadPoolExecutor(1) as pool:
         slow = pool.submit(client.post, "/predict", data=data, files={"image": encode(wide)})
         assert entered.wait(30)
+        settled = client.app.state.runtime.settled  # what background work (packing) waits for
+        assert not settled.is_set()
         for _ in range(3):  # answered while the slow one is still in flight: the server is not quiet
             assert client.post("/predict", data=data, files={"image": encode(white)}).status_code == 200
         time.sleep(0.8)
-        assert trims == []
+        assert trims == [] and not settled.is_set()
         finished = time.monotonic()
         release.set()
         assert slow.result(30).status_code == 200
@@ -140,6 +142,7 @@ def test_memory_goes_back_when_the_server_falls_quiet_never_while_it_works(make_
     while not trims and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(trims) == 1 and trims[0] - finished >= 0.3
+    assert settled.is_set()
     time.sleep(0.6)
     assert len(trims) == 1  # once per quiet spell
 

@@ -225,3 +225,184 @@ def test_copies_of_model_files_that_are_gone_are_swept_at_start(tmp_path, model)
     [kept] = [e for e in entries(store) if e.parent.name != "0123456789abcdef"]
     assert kept.parent == f.ort_cache.folder(model)
     assert junk.exists()
+
+
+def packing(store: Path) -> SessionFactory:
+    return factory(store, IMMICH_AIO_ORT_CACHE_PACKED="true")
+
+
+@pytest.mark.packs
+def test_a_checked_packed_copy_is_used_from_the_next_load(tmp_path, model):
+    """Issue 19: after the first load from an entry, a child process saves the weights as the CPU kernels pack them
+    and checks that copy; the next load opens it and answers the same."""
+    store = tmp_path / "store"
+    f = packing(store)
+    first = f.create(model)  # makes the entry: the model's own file, optimised
+    assert f.ort_cache is not None and f.ort_cache.wait_packed(180)
+    [entry] = entries(store)
+    packed = entry / ort_cache.PACKED
+    assert {p.name for p in packed.iterdir()} == {ort_cache.GRAPH, ort_cache.WEIGHTS}
+    assert not (entry / ort_cache.NOT_PACKED).exists() and not list(entry.glob(".*.partial"))
+    again = packing(store).create(model)
+    assert again._model_path == str(packed / ort_cache.GRAPH)
+    reference = plain(model)
+    for out in (run(first), run(again)):
+        np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-5)
+    assert packing(store).ort_cache.wait_packed(0)  # nothing more to do for it: no second child
+
+
+def _fake_packer(monkeypatch, code: str) -> list[int]:
+    """Replace the packing child with `code` (argv: SOURCE FOLDER); returns the count of children started."""
+    import subprocess
+    import sys
+
+    started: list[int] = []
+    real = subprocess.Popen
+
+    def popen(args, **kw):
+        started.append(1)
+        return real(args, **kw)
+
+    monkeypatch.setattr(ort_cache, "PACKER", (sys.executable, "-c", code))
+    monkeypatch.setattr(ort_cache.subprocess, "Popen", popen)
+    return started
+
+
+@pytest.mark.packs
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        ("import os; os.abort()", "crashed (signal 6)"),
+        ("import sys; print('not packed: its outputs differ at batch 2', file=sys.stderr); sys.exit(3)", "differ"),
+        # it wrote a packed copy and then crashed: still never used
+        ("import sys, pathlib, os; f = pathlib.Path(sys.argv[2]); (f / 'model.onnx').write_bytes(b'x'); os.abort()",
+         "crashed"),
+    ],
+)  # fmt: skip
+def test_a_packed_copy_that_crashed_or_disagreed_is_never_used_nor_tried_again(tmp_path, model, monkeypatch, caplog,
+                                                                             code, reason):  # fmt: skip
+    store = tmp_path / "store"
+    started = _fake_packer(monkeypatch, code)
+    f = packing(store)
+    with caplog.at_level(logging.WARNING, logger="immich_aio.ort_cache"):
+        f.create(model)
+        assert f.ort_cache is not None and f.ort_cache.wait_packed(60)
+    [entry] = entries(store)
+    assert not (entry / ort_cache.PACKED).exists() and not list(entry.glob(".*.partial"))
+    assert reason in (entry / ort_cache.NOT_PACKED).read_text()
+    assert "Not keeping packed weights" in caplog.text and reason in caplog.text
+    again = packing(store)
+    session = again.create(model)
+    assert session._model_path == str(entry / ort_cache.GRAPH)
+    assert again.ort_cache.wait_packed(60)
+    assert len(started) == 1  # the verdict stands: no second child for the same entry
+    np.testing.assert_allclose(run(session), plain(model), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.packs
+def test_a_packed_copy_that_will_not_open_is_removed_and_noted(tmp_path, model, caplog):
+    store = tmp_path / "store"
+    f = packing(store)
+    f.create(model)
+    assert f.ort_cache is not None and f.ort_cache.wait_packed(180)
+    [entry] = entries(store)
+    (entry / ort_cache.PACKED / ort_cache.WEIGHTS).write_bytes(b"truncated")
+    with caplog.at_level(logging.WARNING, logger="immich_aio.ort_cache"):
+        session = packing(store).create(model)
+    assert "unusable" in caplog.text
+    assert session._model_path == str(entry / ort_cache.GRAPH)
+    assert not (entry / ort_cache.PACKED).exists() and (entry / ort_cache.NOT_PACKED).is_file()
+    np.testing.assert_allclose(run(session), plain(model), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.packs
+def test_models_with_free_image_sizes_are_not_packed(tmp_path, monkeypatch):
+    """OCR and face detection take any image size: the child could not run every shape the server will, so they
+    are never packed (the PP-OCRv6 recogniser's packed copy is the one that crashed)."""
+    from immich_aio.models.ocr import bundled_model_dir
+
+    started = _fake_packer(monkeypatch, "raise SystemExit(0)")
+    store = tmp_path / "store"
+    for name in ("PP-OCRv6_rec_small.onnx", "PP-OCRv6_det_small.onnx"):
+        source = store / "ocr" / "PP-OCRv6_small" / name
+        source.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(bundled_model_dir() / name, source)
+        for _ in range(2):
+            packing(store).create(source)
+    assert started == []
+    assert not list((store / ort_cache.FOLDER).rglob(ort_cache.PACKED))
+
+
+@pytest.mark.packs
+def test_packing_stops_with_the_server(tmp_path, model, monkeypatch):
+    """A child still packing when the server stops is killed; it leaves no verdict and no temporary folder."""
+    started = _fake_packer(monkeypatch, "import time; time.sleep(120)")
+    f = packing(tmp_path / "store")
+    f.create(model)
+    assert f.ort_cache is not None
+    conftest_wait = __import__("conftest").wait_for
+    conftest_wait(lambda: any(c is not None for c in f.ort_cache._packing.values()), "the packing child started")
+    f.ort_cache.close()
+    assert f.ort_cache.wait_packed(30)
+    [entry] = entries(tmp_path / "store")
+    assert started == [1]
+    assert not (entry / ort_cache.NOT_PACKED).exists() and not list(entry.glob(".*.partial"))
+    assert not (entry / ort_cache.PACKED).exists()
+
+
+def test_the_packing_child_refuses_a_model_with_free_image_sizes(tmp_path):
+    """The child's own guard, should it ever be handed such a model: exit 3, and the parent keeps nothing."""
+    from immich_aio import ort_pack
+    from immich_aio.models.ocr import bundled_model_dir
+
+    folder = tmp_path / "packed"
+    folder.mkdir()
+    assert ort_pack.main([str(bundled_model_dir() / "PP-OCRv6_det_small.onnx"), str(folder)]) == ort_pack.EXIT_DISAGREES
+
+
+def test_the_packing_child_refuses_a_copy_that_answers_differently(tmp_path, model, monkeypatch):
+    """Its check compares the reopened copy with the session it was made from, at every batch size it tries."""
+    from immich_aio import ort_pack
+
+    real = ort.InferenceSession
+    sessions: list[ort.InferenceSession] = []
+
+    class Skewed(real):  # type: ignore[misc,valid-type]
+        """The second session the child makes is the reopened copy: its answers are made slightly off."""
+
+        def run(self, *args, **kw):
+            out = super().run(*args, **kw)
+            return [o + 1e-3 for o in out] if self is sessions[1] else out
+
+    def session(*args, **kw):
+        sessions.append(Skewed(*args, **kw))
+        return sessions[-1]
+
+    monkeypatch.setattr(ort_pack.ort, "InferenceSession", session)
+    assert ort_pack.main([str(model), str(tmp_path)]) == ort_pack.EXIT_DISAGREES
+    monkeypatch.undo()
+    assert ort_pack.main([str(model), str(tmp_path)]) == 0  # unskewed, the same model passes
+
+
+@pytest.mark.packs
+def test_packing_waits_until_the_server_is_quiet(tmp_path, model, monkeypatch):
+    """A packing child started beside the first requests after a start slowed them (the first face request by
+    0.3 s): it starts only once the server has settled, one child at a time."""
+    log = tmp_path / "children.log"
+    write = f"w = lambda s: open({str(log)!r}, 'a').write(s + chr(10))"
+    child = f"import time; {write}; w('start'); time.sleep(0.5); w('end')"
+    started = _fake_packer(monkeypatch, child)
+    store = tmp_path / "store"
+    other = make_arcface(store / "facial-recognition" / "antelopev2" / "recognition" / "model.onnx", seed=5)
+    f = packing(store)
+    assert f.ort_cache is not None
+    settled = threading.Event()  # the runtime's: set while nothing is in flight
+    f.ort_cache.quiet = settled
+    f.create(model)
+    f.create(other)
+    time.sleep(1.5)  # the pack threads are waiting: nothing may start while requests are in flight
+    assert started == [] and not f.ort_cache.wait_packed(0)
+    settled.set()
+    assert f.ort_cache.wait_packed(60)
+    assert started == [1, 1]
+    assert log.read_text().split() == ["start", "end", "start", "end"]  # one after the other
