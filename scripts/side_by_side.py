@@ -22,7 +22,9 @@ four times a second:
  6. started again with a 4 s model TTL: the same image mix with a search every 7 s, so that every search
     loads its model again under load (what the default 300 s TTL does to a household's occasional search).
 Before the rounds, immich-aio starts once on files it has not seen (its optimised-model copies are made then;
-`.ort-cache` is cleared first) and only the first request of each task is measured.
+`.ort-cache` is cleared first) and only the first request of each task is measured; then once more, staying
+quiet until its packed weights are saved (a child process does that once a server is quiet), as every later
+start and TTL reload finds them.
 Every figure is reported as immich-aio ÷ Immich ML per round (adjacent runs, so a machine that drifts
 between rounds drifts for both) and the median of those ratios: below 1 is faster or lighter.
 Only 127.0.0.1 is targeted; every phase stops by itself at its deadline.
@@ -203,6 +205,38 @@ def cold_only(server: Server, images: list[bytes]) -> dict[str, float]:
         return cold(base, images)
 
 
+def unsettled(store: Path) -> list[Path]:
+    """Entries of the optimised-model cache whose packed weights are still to come (immich_aio/ort_cache.py): the
+    models whose only free input dimension is the batch, with neither a packed copy nor a note refusing one."""
+    import onnx
+
+    from immich_aio import ort_cache
+
+    waiting = []
+    for graph in (store / ort_cache.FOLDER).glob(f"*/*/{ort_cache.GRAPH}"):
+        entry = graph.parent
+        if (entry / ort_cache.PACKED).is_dir() or (entry / ort_cache.NOT_PACKED).exists():
+            continue
+        inputs = onnx.load(str(graph), load_external_data=False).graph.input
+        if all(all(d.dim_value > 0 for d in i.type.tensor_type.shape.dim[1:]) for i in inputs):
+            waiting.append(entry)
+    return waiting
+
+
+def settle(server: Server, images: list[bytes], store: Path, say, timeout: float = 600) -> float:
+    """Start immich-aio once more, load every model and stay quiet until its packed weights are saved: what a
+    server reaches in its first quiet minutes, and the state every later start and TTL reload finds. Seconds."""
+    started = time.perf_counter()
+    with server.running(free_port()) as (base, _pid):
+        cold(base, images)
+        deadline = time.monotonic() + timeout
+        while (left := unsettled(store)) and time.monotonic() < deadline:
+            time.sleep(1)
+    if left:
+        say(f"  warning: {len(left)} model(s) still without packed weights after {timeout:.0f} s")
+    return time.perf_counter() - started
+
+
 def reload_run(server: Server, images: list[bytes], seconds: float) -> dict[str, float]:
     """A search whose model expired (TTL 4 s, checked every second) while the image mix runs: each search
     loads the text tower again under load, as a household's occasional search does with the default TTL."""
@@ -306,6 +340,7 @@ def main() -> int:
     shutil.rmtree(store / ".ort-cache", ignore_errors=True)
     first_install = cold_only(srv[AIO], images)
     say("  immich-aio, first start on new files: " + ", ".join(f"{t} {v:.0f} ms" for t, v in first_install.items()))
+    say(f"  immich-aio, its second start: packed weights saved, {settle(srv[AIO], images, store, say):.0f} s")
     runs: dict[str, list[dict]] = {AIO: [], IML: []}
     for k in range(args.rounds):
         for name in (AIO, IML):
