@@ -1,9 +1,10 @@
 """ONNX Runtime's optimised graphs, kept beside the model store, so that a model loads in a fraction of the time.
 
 Creating a session optimises the graph (fusions, and on the CPU the NCHWc layout with its weights reordered)
-and copies every weight out of the parsed file. The first session of a model saves that optimised graph with its
-weights in a file of their own; later sessions (each start, each reload after the idle TTL) open the saved
-graph with optimisation off, and ONNX Runtime maps the weights file instead of copying it. Measured on the
+and copies every weight out of the parsed file. After a model's first load, once the server is quiet, a child
+process (ort_pack.py, idle priority, one at a time) saves that optimised graph with its weights in a file of their
+own, so no request ever waits for the disk; later sessions (each start, each reload after the idle TTL) open the
+saved graph with optimisation off, and ONNX Runtime maps the weights file instead of copying it. Measured on the
 benchmark's models (2 cores): an ArcFace-R50 loads in 0.08 s instead of 0.55 s, a ViT-B/16 in 0.5 s instead
 of 1.1 s, a BERT-base in 0.5 s instead of 0.9 s, with identical outputs (README, "Memory and runtime settings").
 
@@ -17,9 +18,9 @@ when a new one is made, and those of sources that are gone at each start (`sweep
 cached (not graphs rewritten in memory), and only on the CPU: the GPU providers could not be measured here.
 
 An entry can also hold the weights as the CPU kernels repack them (`packed/`, a ViT-B/16 loads in 0.24 s instead of
-0.40 s). ONNX Runtime has crashed on opening such a copy, so the server never makes one itself: after a model's
-first load from its entry a child process (ort_pack.py) makes and checks it, and only a copy that ran and agreed
-there is used; one that crashed, disagreed or timed out leaves a `not-packed` note and is not tried again."""
+0.40 s). ONNX Runtime has crashed on opening such a copy, so the server never makes or opens one unchecked: the
+child that makes it also reopens and runs it, and only a copy that ran and agreed there is used; one that
+crashed, disagreed or timed out leaves a `not-packed` note and is not tried again."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ ABOUT = "source.json"
 PACKED = "packed"  # an entry's folder of the same graph with packed weights, made and checked by ort_pack.py
 NOT_PACKED = "not-packed"  # an entry's note of why its packed copy was refused: it is not tried again
 PACK_TIMEOUT_S = 900
-PACKER = (sys.executable, "-m", "immich_aio.ort_pack")  # run with SOURCE FOLDER
+PACKER = (sys.executable, "-m", "immich_aio.ort_pack")  # run with entry|pack SOURCE FOLDER
 DISK_MARGIN = 256 << 20  # bytes left free on the store's disk after saving an optimised copy
 STALE_PARTIAL_S = 3600  # a temporary folder this old was left by a process that died while writing
 
@@ -86,11 +87,11 @@ class OrtCache:
         self.packed = packed
         self._unwritable_logged = False
         self._lock = threading.Lock()
-        self._packing: dict[Path, subprocess.Popen[str] | None] = {}  # entry -> its child; one per model file
+        self._writing: dict[Path, subprocess.Popen[str] | None] = {}  # entry -> its child; one per model file
         self._turn = threading.Lock()  # one child at a time: each holds about twice its model in memory
         self._closed = False
-        # Set by the server while no request is in flight: packing waits for it, so that it never competes with
-        # the first requests after a start (a child beside them made the first face request 0.3 s slower).
+        # Set by the server while no request is in flight: writing waits for it, so that it never competes with the
+        # first requests after a start (a packing child beside them made the first face request 0.3 s slower).
         self.quiet: threading.Event | None = None
 
     def sweep(self) -> int:
@@ -144,11 +145,13 @@ class OrtCache:
         for saved in (entry / PACKED, entry):
             if (saved / GRAPH).is_file() and (session := self._open(saved, source, options, providers)) is not None:
                 if saved == entry:
-                    self._pack_later(source, entry, session)
+                    self._later(source, entry, session)
                 return session
-        session = self._make(source, entry, options, providers)
-        if (entry / GRAPH).is_file():
-            self._pack_later(source, entry, session)
+        # Nothing saved yet: the model's own file, as without the cache; the copy is written later, by a child
+        # process once the server is quiet, so that no request waits for the disk (on a first start, writing the
+        # copies on the requests' path made CLIP's first request 28 s behind a busy disk).
+        session = _plain(source, options, providers)
+        self._later(source, entry, session)
         return session
 
     def _open(
@@ -165,122 +168,133 @@ class OrtCache:
                 _note(saved.parent, f"could not be opened: {e}")
             return None
 
-    def _pack_later(self, source: Path, entry: Path, session: ort.InferenceSession) -> None:
-        """Have a child process make and check the entry's packed copy, once, if the model's shapes allow."""
-        if not self.packed or self._closed or (entry / PACKED).exists() or (entry / NOT_PACKED).exists():
+    def _later(self, source: Path, entry: Path, session: ort.InferenceSession) -> None:
+        """Have child processes save what the entry still lacks: the optimised copy, then (if the model's shapes
+        allow) its packed weights, each once."""
+        packable = (
+            self.packed
+            and not (entry / PACKED).exists()
+            and not (entry / NOT_PACKED).exists()
+            and ort_pack.batch_only(session.get_inputs())  # free image sizes (OCR, face detection): never packed
+        )
+        if self._closed or ((entry / GRAPH).is_file() and not packable):
             return
-        if not ort_pack.batch_only(session.get_inputs()):
-            return  # free image sizes (OCR, face detection): the child could not run every shape the server will
         with self._lock:
-            if entry in self._packing:
+            if entry in self._writing:
                 return
-            self._packing[entry] = None
-        threading.Thread(target=self._pack, args=(source, entry), name="ort-pack", daemon=True).start()
+            self._writing[entry] = None
+        threading.Thread(target=self._save, args=(source, entry, packable), name="ort-cache", daemon=True).start()
 
-    def _pack(self, source: Path, entry: Path) -> None:
-        partial = entry / f".{PACKED}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+    def _save(self, source: Path, entry: Path, packable: bool) -> None:
         try:
             with self._turn:
                 if self.quiet is not None:
                     while not self.quiet.wait(1.0):
                         if self._closed:
                             return
-                self._run_packer(source, entry, partial)
+                if not (entry / GRAPH).is_file() and not self._save_entry(source, entry):
+                    return
+                if packable:
+                    self._save_packed(source, entry)
+        finally:
+            with self._lock:
+                self._writing.pop(entry, None)
+
+    def _save_entry(self, source: Path, entry: Path) -> bool:
+        """The optimised copy, written by a child into a temporary folder and renamed into place complete."""
+        partial = entry.parent / f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+        try:
+            if not self._room(source, partial):
+                return False
+            if self._child("entry", source, partial, entry) is not None:
+                return False  # the model loads from its own file, as it did; tried again at its next load
+            (partial / ABOUT).write_text(json.dumps({"source": str(source), "onnxruntime": ort.__version__}) + "\n")
+            partial.rename(entry)  # complete, or not there at all
+        except OSError as e:  # another process made the same entry meanwhile, or the disk is full: no harm done
+            log.debug("saving %s: %s", source, e)
+            return False
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        self._prune(entry)
+        return True
+
+    def _save_packed(self, source: Path, entry: Path) -> None:
+        partial = entry / f".{PACKED}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+        try:
+            _clear_stale(entry)
+            if not (entry / GRAPH).is_file() or not self._room(source, partial):
+                return  # replaced by a newer version meanwhile, or no room: no note, it may work another time
+            error = self._child("pack", source, partial, entry)
+            if error is None:
+                partial.rename(entry / PACKED)
+                log.info("Saved the packed weights of %s: its next loads are faster", source)
+            elif not self._closed:
+                _note(entry, error)
+                log.warning("Not keeping packed weights for %s: %s. It loads from its optimised copy", source, error)
         except OSError as e:  # the entry was replaced meanwhile, or the disk is full: nothing is lost
             log.debug("packing %s: %s", source, e)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-            with self._lock:
-                self._packing.pop(entry, None)
 
-    def _run_packer(self, source: Path, entry: Path, partial: Path) -> None:
-        _clear_stale(entry)
-        if not (entry / GRAPH).is_file():
-            return  # replaced by a newer version of the model meanwhile
-        partial.mkdir()
-        if shutil.disk_usage(partial).free < 2 * source.stat().st_size + DISK_MARGIN:
-            return  # no note: the disk may have room another time
+    def _room(self, source: Path, partial: Path) -> bool:
+        """Make the temporary folder if the store can take a copy: never the store's last free space."""
+        try:
+            partial.mkdir(parents=True)
+            size = source.stat().st_size
+            if shutil.disk_usage(partial).free < 2 * size + DISK_MARGIN:
+                raise OSError(f"too little free disk to save {size >> 20} MB")
+        except OSError as e:
+            if not self._unwritable_logged:
+                self._unwritable_logged = True
+                log.info("Not keeping an optimised copy of %s in %s (%s); models load from their own files",
+                         source.name, self.root, e.strerror or e)  # fmt: skip
+            return False
+        return True
+
+    def _child(self, mode: str, source: Path, folder: Path, entry: Path) -> str | None:
+        """Run ort_pack.py; None when it succeeded, else why not (the server stopping counts as failing)."""
         with self._lock:
             if self._closed:
-                return
+                return "stopped"
             child = subprocess.Popen(
-                [*PACKER, str(source), str(partial)],
+                [*PACKER, mode, str(source), str(folder)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 text=True,
                 env=_child_env(),
             )
-            self._packing[entry] = child
+            self._writing[entry] = child
         try:
             _, err = child.communicate(timeout=PACK_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             child.kill()
             _, err = child.communicate()
             err += f"\nno answer in {PACK_TIMEOUT_S} s"
-        if self._closed:
-            return  # stopped with the server: no verdict on the model
         if child.returncode == 0:
-            partial.rename(entry / PACKED)
-            log.info("Saved the packed weights of %s: its next loads are faster", source)
-            return
-        lines = [line for line in err.strip().splitlines() if line.strip()]
-        reason = lines[-1] if lines else f"exited with {child.returncode}"
+            return None
         if child.returncode < 0:
-            reason = f"crashed (signal {-child.returncode})"
-        _note(entry, reason)
-        log.warning("Not keeping packed weights for %s: %s. It loads from its optimised copy", source, reason)
+            return f"crashed (signal {-child.returncode})"
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        return lines[-1] if lines else f"exited with {child.returncode}"
 
-    def wait_packed(self, timeout: float) -> bool:
-        """Whether every packing under way has ended within `timeout` seconds (tests, benchmarks)."""
+    def wait_written(self, timeout: float) -> bool:
+        """Whether all saving under way has ended within `timeout` seconds (tests, benchmarks)."""
         deadline = time.monotonic() + timeout
-        while self._packing:
+        while self._writing:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
         return True
 
     def close(self) -> None:
-        """Stop packing (the server is stopping): children are killed and their temporary folders removed."""
+        """Stop saving (the server is stopping): children are killed and their temporary folders removed."""
         with self._lock:
             self._closed = True
-            children = [c for c in self._packing.values() if c is not None]
+            children = [c for c in self._writing.values() if c is not None]
         for child in children:
             child.kill()
-        self.wait_packed(5)  # the threads remove the folders; a daemon thread would not get to it at exit
-
-    def _make(
-        self, source: Path, entry: Path, options: Callable[[], ort.SessionOptions], providers: Sequence[Any]
-    ) -> ort.InferenceSession:
-        """The session for the source, saving its optimised graph on the way (the one load that pays for it)."""
-        partial = entry.parent / f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
-        try:
-            partial.mkdir(parents=True)
-            # the saved graph is about the size of the source: never let it take the store's last free space
-            size = source.stat().st_size
-            if shutil.disk_usage(partial).free < 2 * size + DISK_MARGIN:
-                raise OSError(f"too little free disk to save {size >> 20} MB")
-        except OSError as e:
-            shutil.rmtree(partial, ignore_errors=True)
-            if not self._unwritable_logged:
-                self._unwritable_logged = True
-                log.info("Not keeping an optimised copy of %s in %s (%s); models load from their own files",
-                         source.name, self.root, e.strerror or e)  # fmt: skip
-            return _plain(source, options, providers)
-        opts = ort_pack.saving(options(), partial, packed=False)  # packed weights: only from the child (_pack)
-        try:
-            session = ort.InferenceSession(str(source), sess_options=opts, providers=providers)
-        except Exception:
-            shutil.rmtree(partial, ignore_errors=True)
-            return _plain(source, options, providers)  # a bad model file: its error, without the saving part
-        try:
-            (partial / ABOUT).write_text(json.dumps({"source": str(source), "onnxruntime": ort.__version__}) + "\n")
-            partial.rename(entry)  # complete, or not there at all
-        except OSError:  # another process made the same entry meanwhile, or the disk is full: no harm done
-            shutil.rmtree(partial, ignore_errors=True)
-        else:
-            self._prune(entry)
-        return session
+        self.wait_written(5)  # the threads remove the folders; a daemon thread would not get to it at exit
 
     def _prune(self, keep: Path) -> None:
         """Entries of the source's earlier versions, and temporary folders of writers that died."""

@@ -1,13 +1,17 @@
-"""The child process that makes and checks an entry's packed weights (ort_cache.py), where a crash costs nothing.
+"""The child process that writes the optimised-model cache's copies (ort_cache.py), beside the server.
 
-ONNX Runtime can also save the weights as its CPU kernels repack them, which cuts a large model's load by about
-40 % (a ViT-B/16 from 0.40 to 0.24 s), but a saved graph of that kind has crashed the process that opened it
-(the PP-OCRv6 recogniser, ONNX Runtime 1.31: SIGSEGV on its first run). So the server never makes or tries
-one itself: this child saves the packed copy, opens it again, runs it at several batch sizes beside the
-session it was made from, and exits 0 only if every output agrees. Only models whose sole free dimension is
-the batch are packed, so those runs are the shapes the server will run.
+`entry`: the optimised graph with its weights in a file of their own, as ONNX Runtime saves it. Written here, at
+idle priority once the server is quiet, rather than while a request waits for its model: on a busy disk that
+write made a first request 28 s long.
 
-Usage: python -m immich_aio.ort_pack SOURCE FOLDER
+`pack`: the same with the weights as the CPU kernels repack them, which cuts a large model's load by about 40 % (a
+ViT-B/16 from 0.40 to 0.24 s), but a saved graph of that kind has crashed the process that opened it (the
+PP-OCRv6 recogniser, ONNX Runtime 1.31: SIGSEGV on its first run). So the server never makes or tries one itself:
+this child saves the packed copy, opens it again, runs it at several batch sizes beside the session it was made
+from, and exits 0 only if every output agrees. Only models whose sole free dimension is the batch are packed, so
+those runs are the shapes the server will run.
+
+Usage: python -m immich_aio.ort_pack entry|pack SOURCE FOLDER
 """
 
 from __future__ import annotations
@@ -62,7 +66,14 @@ def feeds(inputs: list[ort.NodeArg], batch: int, rng: np.random.Generator) -> di
 
 
 def main(argv: list[str]) -> int:
-    source, folder = Path(argv[0]), Path(argv[1])
+    mode, source, folder = argv[0], Path(argv[1]), Path(argv[2])
+    if mode == "entry":
+        ort.InferenceSession(
+            str(source),
+            saving(options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL), folder, packed=False),
+            providers=["CPUExecutionProvider"],
+        )
+        return 0
     saving_opts = saving(options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL), folder, packed=True)
     reference = ort.InferenceSession(str(source), saving_opts, providers=["CPUExecutionProvider"])
     if not batch_only(reference.get_inputs()):

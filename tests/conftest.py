@@ -9,7 +9,7 @@ os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # before anything imports onnxruntime
 # against the local stand-in hub.
 os.environ["IMMICH_AIO_AUTO_FETCH"] = "false"
 # Nor do they pack the optimised models' weights in a child process (it would write into stores that tests inspect,
-# and cost a process per model): tests/test_ort_cache.py switches it on where it is tested.
+# and cost a process per model); in this process no copies are written at all unless a test is marked `packs`.
 os.environ["IMMICH_AIO_ORT_CACHE_PACKED"] = "false"
 
 import io
@@ -33,11 +33,11 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 @pytest.fixture(autouse=True)
 def _no_packing_unless_asked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """In this process too, whatever settings a test builds, unless it is marked `packs`."""
+    """Nor in this process, whatever settings a test builds, unless it is marked `packs` (no copies are written)."""
     if "packs" not in request.keywords:
         from immich_aio.ort_cache import OrtCache
 
-        monkeypatch.setattr(OrtCache, "_pack_later", lambda *args: None)
+        monkeypatch.setattr(OrtCache, "_later", lambda *args: None)
 
 
 OCR_ENTRIES = {
