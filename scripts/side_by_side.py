@@ -213,10 +213,15 @@ def unsettled(store: Path) -> list[Path]:
 
     from immich_aio import ort_cache
 
-    graphs = list((store / ort_cache.FOLDER).glob(f"*/*/{ort_cache.GRAPH}"))
-    sources = [m for m in store.glob("*/*/*/model.onnx") if not m.is_relative_to(store / ort_cache.FOLDER)]
-    waiting = sources[len(graphs) :]  # each source has at most one entry
-    for graph in graphs:
+    cache = ort_cache.OrtCache(store)
+    sources = [
+        store / task / entry["modelName"] / type_ / "model.onnx"
+        for entries in SIDE_ENTRIES.values()
+        for task, types in entries.items()
+        for type_, entry in types.items()
+    ]
+    waiting = [source for source in sources if not list(cache.folder(source).glob(f"*/{ort_cache.GRAPH}"))]
+    for graph in (store / ort_cache.FOLDER).glob(f"*/*/{ort_cache.GRAPH}"):
         entry = graph.parent
         if (entry / ort_cache.PACKED).is_dir() or (entry / ort_cache.NOT_PACKED).exists():
             continue
