@@ -426,3 +426,18 @@ def test_packing_waits_until_the_server_is_quiet(tmp_path, model, monkeypatch):
     assert f.ort_cache.wait_written(60)
     assert started == [1, 1]
     assert log.read_text().split() == ["start", "end", "start", "end"]  # one after the other
+
+
+def test_a_saved_copy_is_read_ahead_before_it_is_mapped(tmp_path, model, monkeypatch):
+    """Its weights file is read in one go before ONNX Runtime maps it: faulted in page by page from a paged-out
+    file, a ViT-B/16 copy loaded in 2.6 s against 1.4 s read ahead (README, "Side by side with Immich ML")."""
+    store = tmp_path / "store"
+    load(store, model)
+    [entry] = entries(store)
+    read: list[Path] = []
+    real = ort_cache.read_ahead
+    monkeypatch.setattr(ort_cache, "read_ahead", lambda path: (read.append(path), real(path)))
+    session = factory(store).create(model)
+    assert session._model_path == str(entry / ort_cache.GRAPH)
+    assert read == [entry / ort_cache.WEIGHTS]
+    ort_cache.read_ahead(tmp_path / "missing.bin")  # nothing to read: no error of its own
