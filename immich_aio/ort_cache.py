@@ -303,12 +303,8 @@ class OrtCache:
         for other in keep.parent.iterdir():
             if other == keep:
                 continue
-            if other.name.endswith(".partial"):
-                try:
-                    if now - other.stat().st_mtime < STALE_PARTIAL_S:
-                        continue  # another process may be writing it now
-                except OSError:
-                    continue
+            if other.name.endswith(".partial") and not _stale(other, now):
+                continue  # another process may be writing it now
             # A running session may still map an old entry's weights: unlinking leaves its mapping valid.
             shutil.rmtree(other, ignore_errors=True)
 
@@ -336,11 +332,16 @@ def _clear_stale(entry: Path) -> None:
     """Temporary folders of packings whose server died: another server's may be in progress, so only old ones."""
     now = time.time()
     for other in entry.glob(f".{PACKED}.*.partial"):
-        try:
-            if now - other.stat().st_mtime > STALE_PARTIAL_S:
-                shutil.rmtree(other, ignore_errors=True)
-        except OSError:
-            continue
+        if _stale(other, now):
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def _stale(partial: Path, now: float) -> bool:
+    """A temporary folder this old was left by a process that died while writing it (gone already: not stale)."""
+    try:
+        return now - partial.stat().st_mtime >= STALE_PARTIAL_S
+    except OSError:
+        return False
 
 
 def _child_env() -> dict[str, str]:

@@ -67,15 +67,10 @@ def feeds(inputs: list[ort.NodeArg], batch: int, rng: np.random.Generator) -> di
 
 def main(argv: list[str]) -> int:
     mode, source, folder = argv[0], Path(argv[1]), Path(argv[2])
+    saving_opts = saving(options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL), folder, packed=mode == "pack")
+    reference = ort.InferenceSession(str(source), saving_opts, providers=["CPUExecutionProvider"])  # saves it
     if mode == "entry":
-        ort.InferenceSession(
-            str(source),
-            saving(options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL), folder, packed=False),
-            providers=["CPUExecutionProvider"],
-        )
         return 0
-    saving_opts = saving(options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL), folder, packed=True)
-    reference = ort.InferenceSession(str(source), saving_opts, providers=["CPUExecutionProvider"])
     if not batch_only(reference.get_inputs()):
         print("not packed: an input has a free dimension other than the batch", file=sys.stderr)
         return EXIT_DISAGREES
