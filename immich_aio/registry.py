@@ -7,7 +7,8 @@ loaded from. When `immich-aio models ...` (or anything else) replaced the files,
 loads the new installation; runs already holding the old model finish on it, and it is closed
 when the last of them is done. The files' sizes and hashes are recorded at load time, so /info
 describes what is running, not whatever is on disk now; the hashing runs beside the session's creation,
-on the other core, so that a first request does not wait for it.
+on the other core, so that a first request does not wait for it, and once per file version: the store keeps
+each file's sha256 for the next start.
 """
 
 from __future__ import annotations

@@ -160,6 +160,7 @@ class Runtime:
         # Imports a first OCR request would otherwise wait for (0.6 s), done before the server answers: on a
         # background thread they competed with the first requests for the CPU instead.
         await asyncio.to_thread(_warm_imports)
+        await asyncio.to_thread(self.store.sweep_records)
         if self.factory.ort_cache is not None:
             await asyncio.to_thread(self.factory.ort_cache.sweep)
         # Preloading runs in the background: /ping answers from the first moment, and a request for a

@@ -8,6 +8,7 @@ else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -69,8 +70,11 @@ class FileInfo:
         return {"path": self.path, "size": self.size, "sha256": self.sha256}
 
 
+HASHES = ".sha256"  # under the store root: each model file's sha256 with the identity it was computed for
+
+
 class ModelStore:
-    HASH_CACHE = 256  # file versions whose sha256 is remembered
+    HASH_CACHE = 256  # file versions whose sha256 is remembered in memory
 
     def __init__(self, root: Path, revision: str = "main") -> None:
         self.root = root.expanduser().resolve()
@@ -140,8 +144,9 @@ class ModelStore:
     def describe(self, path: Path) -> FileInfo:
         """Path (inside the store where possible), size and sha256 of a model file, cached by file identity.
 
-        The sha256 comes from the install manifest when that is newer than the file, else it is computed.
-        """
+        The sha256 comes from the install manifest when that is newer than the file, else from the record a
+        previous load left under `.sha256/` for this same file identity, else it is computed and recorded: without
+        the record every start hashed each model file again, reading a 344 MB file from disk beside the load."""
         stat = path.stat()
         key = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
         with self._lock:
@@ -149,7 +154,10 @@ class ModelStore:
             if digest is not None:
                 self._hashes.move_to_end(key)
         if digest is None:
-            digest = _from_manifest(path, stat) or sha256_file(path)
+            digest = _from_manifest(path, stat) or self._recorded(key)
+            if digest is None:
+                digest = sha256_file(path)
+                self._record(key, digest)
             with self._lock:
                 self._hashes[key] = digest
                 while len(self._hashes) > self.HASH_CACHE:
@@ -157,6 +165,50 @@ class ModelStore:
         resolved = path.resolve()
         shown = str(resolved.relative_to(self.root)) if resolved.is_relative_to(self.root) else str(resolved)
         return FileInfo(shown, stat.st_size, digest)
+
+    def _record_path(self, file: str) -> Path:
+        """One record per model file (a new version overwrites it): as many records as files, never more."""
+        return self.root / HASHES / (hashlib.sha256(file.encode()).hexdigest()[:32] + ".json")
+
+    def _recorded(self, key: tuple) -> str | None:
+        try:
+            record = json.loads(self._record_path(key[0]).read_text())
+            if record["path"] == key[0] and record["identity"] == list(key[1:]):
+                digest = record["sha256"]
+                if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest):
+                    return digest
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet, or unreadable: hashed again and rewritten
+        return None
+
+    def _record(self, key: tuple, digest: str) -> None:
+        """Written whole under another name and renamed, so a reader never sees half of one; a read-only store
+        keeps none (its files are hashed at each start, as before)."""
+        target = self._record_path(key[0])
+        partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            target.parent.mkdir(exist_ok=True)
+            partial.write_text(json.dumps({"path": key[0], "identity": list(key[1:]), "sha256": digest}) + "\n")
+            os.replace(partial, target)
+        except OSError as e:
+            log.debug("not recording the sha256 of %s: %s", key[0], e)
+            with contextlib.suppress(OSError):
+                partial.unlink()
+
+    def sweep_records(self) -> int:
+        """Remove the sha256 records of files that are gone (and partial ones left by a process that died)."""
+        removed = 0
+        with contextlib.suppress(OSError):
+            for record in (self.root / HASHES).iterdir():
+                try:
+                    gone = record.name.startswith(".") or not Path(json.loads(record.read_text())["path"]).exists()
+                except (OSError, ValueError, KeyError, TypeError):
+                    gone = True
+                if gone:
+                    with contextlib.suppress(OSError):
+                        record.unlink()
+                        removed += 1
+        return removed
 
 
 def _from_manifest(path: Path, stat: os.stat_result) -> str | None:

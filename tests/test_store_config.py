@@ -84,3 +84,104 @@ def test_settings_defaults():
 def test_bad_settings_are_refused(env):
     with pytest.raises(ConfigError):
         Settings.from_env(env)
+
+
+# --- sha256 records: a restart does not hash every model file again ------------------------------
+
+
+def _no_hashing(monkeypatch) -> None:
+    from immich_aio import store as store_module
+
+    def refuse(path, chunk=0):
+        raise AssertionError(f"{path} hashed again")
+
+    monkeypatch.setattr(store_module, "sha256_file", refuse)
+
+
+def test_a_files_sha256_is_recorded_for_the_next_start_and_redone_when_it_changes(tmp_path: Path, monkeypatch):
+    import hashlib
+    import os
+
+    from immich_aio.store import HASHES
+
+    model = tmp_path / "clip" / "m" / "visual" / "model.onnx"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"weights one")
+    assert ModelStore(tmp_path).describe(model).sha256 == hashlib.sha256(b"weights one").hexdigest()
+    [record] = (tmp_path / HASHES).iterdir()
+    with monkeypatch.context() as m:
+        _no_hashing(m)
+        assert ModelStore(tmp_path).describe(model).sha256 == hashlib.sha256(b"weights one").hexdigest()
+    staged = model.with_name("staged")
+    staged.write_bytes(b"weights two")
+    os.replace(staged, model)  # a reinstall: another inode
+    assert ModelStore(tmp_path).describe(model).sha256 == hashlib.sha256(b"weights two").hexdigest()
+    assert list((tmp_path / HASHES).iterdir()) == [record]  # one record per file, rewritten
+    with open(model, "r+b") as f:  # rewritten in place, same size: another modification time
+        f.write(b"W")
+    st = model.stat()
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert ModelStore(tmp_path).describe(model).sha256 == hashlib.sha256(b"Weights two").hexdigest()
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda r: "not json",
+        lambda r: {**r, "sha256": "../../etc"},
+        lambda r: {**r, "identity": [0, 0, 0, 0], "sha256": "0" * 64},  # another version of the file
+        lambda r: {**r, "path": "/elsewhere/model.onnx", "sha256": "0" * 64},  # another file's
+        lambda r: [r],
+    ],
+)
+def test_a_damaged_or_foreign_sha256_record_is_not_believed(tmp_path: Path, corrupt):
+    import hashlib
+    import json
+
+    from immich_aio.store import HASHES
+
+    model = tmp_path / "ocr" / "m" / "detection" / "model.onnx"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"detector")
+    ModelStore(tmp_path).describe(model)
+    [record] = (tmp_path / HASHES).iterdir()
+    bad = corrupt(json.loads(record.read_text()))
+    record.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+    assert ModelStore(tmp_path).describe(model).sha256 == hashlib.sha256(b"detector").hexdigest()
+    assert json.loads(record.read_text())["sha256"] == hashlib.sha256(b"detector").hexdigest()  # mended
+
+
+def test_a_read_only_store_keeps_no_records_and_still_describes(tmp_path: Path):
+    import hashlib
+    import os
+
+    from immich_aio.store import HASHES
+
+    model = tmp_path / "ocr" / "m" / "detection" / "model.onnx"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"detector")
+    (tmp_path / HASHES).write_text("a file where the folder would go")  # as unwritable as it gets for root
+    os.chmod(tmp_path, 0o555)
+    try:
+        assert ModelStore(tmp_path).describe(model).sha256 == hashlib.sha256(b"detector").hexdigest()
+    finally:
+        os.chmod(tmp_path, 0o755)
+    assert (tmp_path / HASHES).is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".sha256.")]
+
+
+def test_records_of_files_that_are_gone_are_swept_at_start(store: Path, make_client):
+    import json
+
+    from immich_aio.store import HASHES
+
+    kept, gone = (store / "ocr" / n / "detection" / "model.onnx" for n in ("kept", "gone"))
+    for f in (kept, gone):
+        f.parent.mkdir(parents=True)
+        f.write_bytes(f.parent.parent.name.encode())
+        ModelStore(store).describe(f)
+    (store / HASHES / ".partial.1.2").write_text("{")  # left by a process that died while writing
+    gone.unlink()
+    assert len(list((store / HASHES).iterdir())) == 3
+    make_client()
+    [left] = (store / HASHES).iterdir()
+    assert json.loads(left.read_text())["path"] == str(kept)
