@@ -42,3 +42,36 @@ def test_ratios_are_per_round_then_the_median(monkeypatch):
     assert row["ratio"] == 0.9  # median of 0.5, 1.0, 0.9 — not 490 / 600
     table = sbs.markdown([row])
     assert "| idle RSS (MB) | 90–300 | 100–300 | **0.90** |" in table
+
+
+def test_both_servers_first_requests_start_from_the_page_cache_state_named(tmp_path, monkeypatch):
+    """Every file of the model folder, the optimised copies included, is dropped (after its written pages reach
+    the disk) or read whole: without it immich-aio's copies and Immich ML's files met different states."""
+    import os
+
+    copy = tmp_path / ".ort-cache" / "a" / "b" / "packed" / "weights.bin"
+    files = [tmp_path / "clip" / "m" / "visual" / "model.onnx", copy]
+    for i, f in enumerate(files):
+        f.parent.mkdir(parents=True)
+        f.write_bytes(bytes(1000 * (i + 1)))
+    calls: list[tuple[str, int]] = []
+    names: dict[int, str] = {}
+    real_open = os.open
+
+    def opened(path, flags):
+        fd = real_open(path, flags)
+        names[fd] = str(path)  # numbers are reused once closed
+        return fd
+
+    monkeypatch.setattr(os, "open", opened)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append(("sync", names[fd])))
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, o, n, a: calls.append((f"advise {o} {n} {a}", names[fd])))
+    assert sbs.page_cache(tmp_path, "disk") == 3000
+    dropped = f"advise 0 0 {os.POSIX_FADV_DONTNEED}"
+    assert sorted(calls) == sorted([("sync", str(f)) for f in files] + [(dropped, str(f)) for f in files])
+    assert [c[0] for c in calls if c[1] == str(files[1])] == ["sync", dropped]
+    calls.clear()
+    read: list[int] = []
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: (b := real_read(fd, n), read.append(len(b)))[0])
+    assert sbs.page_cache(tmp_path, "memory") == 3000 and sum(read) == 3000 and not calls
