@@ -3,6 +3,9 @@
 #   docker build -t immich-aio .                       CPU image (the default target)
 #   docker build --target cuda -t immich-aio:cuda .    NVIDIA image: CUDA 12 (host driver >= 525), CUDA and cuDNN
 #                                                      from pip; only the driver comes from the host
+#   docker build --target openvino -t immich-aio:openvino .
+#                                                      Intel image: ONNX Runtime's OpenVINO build, on the CPU, or
+#                                                      on an Intel GPU passed in with --device /dev/dri
 #   --build-arg BASE_IMAGE=...                         any Debian-based Python 3.11 image (default: the official slim)
 #
 # Immich ML's container contract: port 3003, models in /cache (the `model-cache` volume), the same
@@ -35,7 +38,12 @@ RUN /opt/venv/bin/pip install --no-cache-dir "/src[gpu]" \
  && /opt/venv/bin/pip check \
  && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools
 
-# ---- what both images share ---------------------------------------------------------------------------
+FROM build AS build-openvino
+RUN /opt/venv/bin/pip install --no-cache-dir "/src[openvino]" \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools
+
+# ---- what the images share ---------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
 # jemalloc: the server starts itself with it preloaded (immich_aio/memory.py); it measured the smallest
 # footprint on Immich's job mix (README, Memory).
@@ -70,6 +78,17 @@ FROM runtime AS cuda
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 COPY --from=build-cuda /opt/venv /opt/venv
+
+# ---- Intel: `docker build --target openvino` --------------------------------------------------------------
+# OpenVINO runs on the CPU as it is; for an Intel GPU it needs Intel's OpenCL driver (Debian's
+# intel-opencl-icd) and the host's /dev/dri with its render group (README, "Intel GPUs: the OpenVINO image").
+FROM runtime AS openvino
+USER 0:0
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends intel-opencl-icd=22.43.24595.41-1 \
+ && rm -rf /var/lib/apt/lists/*
+USER 1000:1000
+COPY --from=build-openvino /opt/venv /opt/venv
 
 # ---- CPU: the default target (last) -------------------------------------------------------------------
 FROM runtime AS cpu

@@ -212,6 +212,7 @@ class Settings:
     model_arena: bool = False
     device_id: int = 0
     providers: tuple[str, ...] = ()
+    openvino_precision: str = "FP32"  # Immich ML's MACHINE_LEARNING_OPENVINO_PRECISION (the `openvino` extra)
     preload: dict[tuple[Task, ModelType], tuple[str, ...]] = field(default_factory=dict)
     max_upload_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 100_000_000
@@ -282,6 +283,7 @@ class Settings:
             model_arena=env.boolean("MACHINE_LEARNING_MODEL_ARENA", cls.model_arena),
             device_id=env.integer("MACHINE_LEARNING_DEVICE_ID", cls.device_id, 0, 1024),
             providers=tuple(_as_list(env.raw("IMMICH_AIO_PROVIDERS"))),
+            openvino_precision=env.choice("MACHINE_LEARNING_OPENVINO_PRECISION", "fp32", ("fp32", "fp16")).upper(),
             preload=preload,
             max_upload_bytes=int(
                 env.number("IMMICH_AIO_MAX_UPLOAD_MB", cls.max_upload_bytes / 2**20, 0.01, 1024) * 2**20

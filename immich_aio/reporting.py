@@ -61,6 +61,7 @@ class Info(TypedDict):
     version: str
     onnxruntime: str
     providers: list[str]
+    openvinoDevice: str | None  # the device OpenVINO runs on when it is a provider (`openvino` extra)
     allocator: str
     threads: ThreadsInfo
     modelStore: str
@@ -118,7 +119,8 @@ def banner(rt: Runtime) -> str:
         else ""
     )
     lines = [
-        f"immich-aio {__version__} on ONNX Runtime {ort.__version__}, providers {', '.join(f.providers)}",
+        f"immich-aio {__version__} on ONNX Runtime {ort.__version__}, providers {', '.join(f.providers)}"
+        + (f" (OpenVINO on {f.openvino_device}, {rt.settings.openvino_precision})" if f.openvino_device else ""),
         f"  model store {rt.store.root}; memory allocator {allocator}{hint}",
         f"  threads: {f.intra_threads} per run, {f.gate.slots} concurrent runs"
         f"{' (+1 for OCR)' if f.short_lane else ''}, "
@@ -182,6 +184,7 @@ def info(rt: Runtime) -> Info:
         "version": __version__,
         "onnxruntime": ort.__version__,
         "providers": rt.factory.providers,
+        "openvinoDevice": rt.factory.openvino_device,
         "allocator": memory.active(),
         "threads": {
             "intraOp": rt.factory.intra_threads,

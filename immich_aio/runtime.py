@@ -163,6 +163,8 @@ class Runtime:
         await asyncio.to_thread(self.store.sweep_records)
         if self.factory.ort_cache is not None:
             await asyncio.to_thread(self.factory.ort_cache.sweep)
+        if self.factory.openvino_cache is not None:
+            await asyncio.to_thread(self.factory.openvino_cache.sweep)
         # Preloading runs in the background: /ping answers from the first moment, and a request for a
         # model still loading simply waits for that one load.
         if self.settings.preload:

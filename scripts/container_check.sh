@@ -8,6 +8,9 @@
 #               into towers inside the image, which has no torch; `docker stop` exits 0.
 #   CUDA image: built from the same Dockerfile (--target cuda); inside it ONNX Runtime must list
 #               CUDAExecutionProvider, and the only library missing must be the host driver (libcuda.so.1).
+#   OpenVINO image: --target openvino; without an Intel GPU (as here) it must serve on ONNX Runtime's CPU provider
+#               and say why once; with OpenVINO named (IMMICH_AIO_PROVIDERS) it must serve on OpenVINO's CPU
+#               device and read every OCR fixture as the CPU provider did (same lines, boxes within 1 %).
 #
 # Uses ../shared/container (or $CONTAINER_TOOLS) to make the base image and run dockerd without touching the
 # host's network. Where Docker cannot be set up, it says so and exits 0: the check is skipped, not failed.
@@ -29,7 +32,7 @@ started_daemon=0
 cleanup() {
     "$DOCKER" rm -f "$NAME" >/dev/null 2>&1 || true
     "$DOCKER" volume rm -f "$VOLUME" >/dev/null 2>&1 || true
-    "$DOCKER" image rm -f "$TAG:cpu" "$TAG:cuda" >/dev/null 2>&1 || true
+    "$DOCKER" image rm -f "$TAG:cpu" "$TAG:cuda" "$TAG:openvino" >/dev/null 2>&1 || true
     if ((started_daemon)); then "$TOOLS/stop-daemon.sh" >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
@@ -141,4 +144,48 @@ logs=$("$DOCKER" logs "$NAME" 2>&1)
     || { echo "$logs" | head -20; say "FAIL: without a GPU the CUDA image must warn once, clearly"; exit 1; }
 "$DOCKER" rm -f "$NAME" >/dev/null
 say "CUDA image: PASS (CUDAExecutionProvider listed; only the host driver libcuda.so.1 is missing; without a GPU it serves on the CPU after one warning)"
-say "summary: CPU image $(size "$TAG:cpu") built in ${cpu_s} s; CUDA image $(size "$TAG:cuda") built in ${cuda_s} s"
+
+# ---- OpenVINO image ---------------------------------------------------------------------------------------
+ov_s=$(build openvino)
+say "OpenVINO image built in ${ov_s} s: $(size "$TAG:openvino")"
+"$DOCKER" volume rm -f "$VOLUME" >/dev/null && "$DOCKER" volume create "$VOLUME" >/dev/null
+ocr_fixtures() { # ocr_fixtures PREFIX: every OCR fixture through the running container
+    for fixture in sign receipt small_text_1440 rotated; do
+        curl -sS --fail-with-body -F "entries=$entries" -F "image=@tests/fixtures/ocr/$fixture.jpg;filename=blob" \
+            "$url/predict" >"/tmp/container-check-$1-$fixture.json" \
+            || { "$DOCKER" logs "$NAME" 2>&1 | tail -20; say "FAIL: the OpenVINO image does not serve OCR"; exit 1; }
+    done
+}
+"$DOCKER" run -d --name "$NAME" -p "127.0.0.1:$port:3003" "$TAG:openvino" >/dev/null
+for _ in $(seq 1 60); do curl -sf "$url/ping" >/dev/null 2>&1 && break; sleep 1; done
+ocr_fixtures cpu
+curl -sS --fail-with-body "$url/info" | grep -q '"providers":\["CPUExecutionProvider"\]' \
+    && [[ $("$DOCKER" logs "$NAME" 2>&1 | grep -c "OpenVINO lists no Intel GPU here") == 1 ]] \
+    || { "$DOCKER" logs "$NAME" 2>&1 | tail -20; say "FAIL: without an Intel GPU the OpenVINO image must serve on the CPU provider, saying why once"; exit 1; }
+"$DOCKER" rm -f "$NAME" >/dev/null
+"$DOCKER" run -d --name "$NAME" -p "127.0.0.1:$port:3003" -v "$VOLUME:/cache" \
+    -e IMMICH_AIO_PROVIDERS=OpenVINOExecutionProvider,CPUExecutionProvider "$TAG:openvino" >/dev/null
+for _ in $(seq 1 60); do curl -sf "$url/ping" >/dev/null 2>&1 && break; sleep 1; done
+ocr_fixtures ov
+curl -sS --fail-with-body "$url/info" >/tmp/container-check-ov-info.json
+python3 - <<'PY' || { "$DOCKER" logs "$NAME" 2>&1 | tail -20; say "FAIL: the OpenVINO image"; exit 1; }
+import json
+fixtures = ("sign", "receipt", "small_text_1440", "rotated")
+for fixture in fixtures:
+    cpu, ov = (json.load(open(f"/tmp/container-check-{side}-{fixture}.json", encoding="utf-8"))["ocr"]
+               for side in ("cpu", "ov"))
+    assert ov["text"] == cpu["text"] and cpu["text"], (fixture, ov["text"], cpu["text"])
+    assert max(abs(a - b) for a, b in zip(ov["box"], cpu["box"], strict=True)) < 0.01, (fixture, ov["box"], cpu["box"])
+info = json.load(open("/tmp/container-check-ov-info.json", encoding="utf-8"))
+assert info["providers"] == ["OpenVINOExecutionProvider", "CPUExecutionProvider"], info["providers"]
+assert info["openvinoDevice"] == "CPU", info
+for model in info["models"]:
+    assert model["providers"][0] == "OpenVINOExecutionProvider", model
+print("  OpenVINO (CPU device) read every OCR fixture as the CPU provider did:", len(fixtures), "photos")
+PY
+"$DOCKER" stop -t 20 "$NAME" >/dev/null
+code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$NAME")
+[[ $code == 0 ]] || { "$DOCKER" logs --tail 20 "$NAME" 2>&1; say "FAIL: the OpenVINO image stopped with $code"; exit 1; }
+"$DOCKER" rm "$NAME" >/dev/null
+say "OpenVINO image: PASS (no Intel GPU: CPU provider, said once; OpenVINO named: served on its CPU device, every OCR fixture read as the CPU provider did, clean stop)"
+say "summary: CPU image $(size "$TAG:cpu") built in ${cpu_s} s; CUDA image $(size "$TAG:cuda") built in ${cuda_s} s; OpenVINO image $(size "$TAG:openvino") built in ${ov_s} s"
