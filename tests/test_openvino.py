@@ -135,3 +135,9 @@ def test_the_startup_summary_and_info_name_the_openvino_device(store, make_clien
     info = client.get("/info").json()
     assert info["providers"] == [OPENVINO, CPU] and info["openvinoDevice"] == "GPU.0"
     assert "(OpenVINO on GPU.0, FP32)" in caplog.text
+
+
+def test_mt_photos_check_says_cpu_for_an_intel_gpu_too(store, make_client, with_intel_gpu):
+    """mt-photos-ai's /check names "cuda" or "cpu" only; OpenVINO is not CUDA."""
+    client = make_client(MT_PHOTOS_API_KEY="openvino-key")
+    assert client.post("/check", headers={"api-key": "openvino-key"}).json()["device"] == "cpu"
