@@ -310,54 +310,22 @@ class OrtCache:
 
 
 def read_ahead(saved: Path) -> None:
-    """Ask the kernel to read the parts of a copy's weights file the session will use, before ONNX Runtime maps it.
+    """Ask the kernel to read a copy's weights file in the background before ONNX Runtime maps it.
 
     Mapped weights are faulted in a few pages at a time: paged out on a slow disk, a ViT-B/16 copy took 2.6 s that
-    way and 1.4 s read in one pass first. A packed copy's file holds each weight twice (as stored and as packed, see
-    `used_ranges`), so only the half the session uses is asked for, and asynchronously (POSIX_FADV_WILLNEED): the
-    disk reads while ONNX Runtime builds the session. Measured on the packed ViT-B/16 copy with its file evicted
-    (a fast disk): 0.81-0.95 s, against 0.83-1.27 s faulted in and 1.37-1.82 s read whole first."""
+    way and 1.4 s read in one pass first; on a fast disk reading first in this process cost more than it saved
+    (1.37-1.82 s against 0.83-1.27 s faulted in). Asked asynchronously (POSIX_FADV_WILLNEED), the disk reads while
+    ONNX Runtime builds the session: 0.93-1.08 s there. The whole file: ONNX Runtime touches every page of it,
+    a packed copy's weights as stored included (reading only the packed ones first left the session as slow as
+    reading nothing)."""
     if not hasattr(os, "posix_fadvise"):
         return
-    with contextlib.suppress(OSError, ValueError):  # unreadable or missing: ONNX Runtime's own error says so
-        ranges = used_ranges(saved / GRAPH)
+    with contextlib.suppress(OSError):  # unreadable or missing: ONNX Runtime's own error says so
         fd = os.open(saved / WEIGHTS, os.O_RDONLY)
         try:
-            for offset, length in ranges:
-                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
-
-
-def used_ranges(graph: Path) -> list[tuple[int, int]]:
-    """(offset, length) in the weights file of what a session of this saved graph reads, merged where they touch.
-
-    ONNX Runtime records a packed weight beside the weight as stored (`prepacked_<n>` = `<kernel>|<offset>;<length>;
-    <alignment>|...` in the external-data entry) and uses only the packed form; every other weight as stored."""
-    import onnx  # the graph file only (a few hundred KB): the weights stay where they are
-
-    model = onnx.load(str(graph), load_external_data=False)
-    ranges = []
-    for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        entry = {e.key: e.value for e in tensor.external_data}
-        packed = [v for k, v in entry.items() if k.startswith("prepacked_")]
-        if packed:
-            for value in packed:
-                for part in value.split("|")[1:]:
-                    offset, length, *_ = part.split(";")
-                    ranges.append((int(offset), int(length)))
-        elif "length" in entry:
-            ranges.append((int(entry.get("offset", 0)), int(entry["length"])))
-    merged: list[tuple[int, int]] = []
-    for offset, length in sorted(ranges):
-        if merged and offset <= merged[-1][0] + merged[-1][1]:
-            start, size = merged[-1]
-            merged[-1] = (start, max(size, offset + length - start))
-        else:
-            merged.append((offset, length))
-    return merged
 
 
 def _note(entry: Path, reason: str) -> None:
