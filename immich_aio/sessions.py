@@ -7,6 +7,7 @@ on a GPU host, one CUDA context, with settings tuned in one place.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import re
@@ -58,11 +59,7 @@ class SessionFactory:
             self.providers = [OPENVINO, CPU]  # the `openvino` extra on a host with an Intel GPU: what it is for
         else:
             if OPENVINO in available:
-                log.info(
-                    "OpenVINO lists no Intel GPU here: serving with ONNX Runtime's CPU provider (on the CPU, OpenVINO "
-                    "measured 10-15 %% more throughput for 1.7x the memory and 2-3x slower first requests; "
-                    "IMMICH_AIO_PROVIDERS=OpenVINOExecutionProvider,CPUExecutionProvider chooses it anyway)"
-                )
+                _no_intel_gpu()
             self.providers = [CPU]
         self.cpu_only = self.providers == [CPU]
         self.openvino_device = (
@@ -175,6 +172,17 @@ class SessionFactory:
         providers = self.provider_list(profile, model if isinstance(model, Path) else None)
         source = str(model) if isinstance(model, Path) else model
         return ort.InferenceSession(source, sess_options=self.options(), providers=providers)
+
+
+@functools.cache
+def _no_intel_gpu() -> None:
+    """Said once per process (the command line checks the providers before the server makes its own factory)."""
+    log.info(
+        "OpenVINO lists no Intel GPU here: serving with ONNX Runtime's CPU provider (on the CPU, OpenVINO measured "
+        "10-15 %s more throughput for 1.7x the memory and 2-3x slower first requests; "
+        "IMMICH_AIO_PROVIDERS=OpenVINOExecutionProvider,CPUExecutionProvider chooses it anyway)",
+        "%",
+    )
 
 
 _cuda_checked: dict[int, bool] = {}
