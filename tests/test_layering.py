@@ -36,7 +36,7 @@ LAYERS: list[list[str]] = [
     ["sessions"],
     ["payload", "batching", "config"],
     ["metrics", "imaging", "memory", "access_log", "http_form", "protocol", "names.fetchable", "names.catalog"],
-    ["ort_cache"],
+    ["ort_cache", "openvino"],
     ["ort_pack"],
     ["store", "models.outputs", "jobs"],
     ["errors", "tasks"],
