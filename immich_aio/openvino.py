@@ -3,8 +3,8 @@
 Installed with the `openvino` extra (the `onnxruntime-openvino` distribution instead of `onnxruntime`), it is used
 by default when OpenVINO lists an Intel GPU (`GPU.<MACHINE_LEARNING_DEVICE_ID>`, as Immich ML picks it). Without
 one the server keeps ONNX Runtime's CPU provider: in the server, on Immich's job mix (2 cores), OpenVINO's CPU
-device gave 10-15 % more throughput for 1.7x the memory and 2-3x slower first requests, so it runs on the CPU only
-when IMMICH_AIO_PROVIDERS names it (README, "Intel CPUs and GPUs: the OpenVINO image").
+device gave 10-15 % more throughput for 2-2.4x the memory and 2-3x slower first requests, so it runs on the CPU only
+when IMMICH_AIO_PROVIDERS names it (README, "Intel GPUs: the OpenVINO image").
 
 Compiling a model for a GPU takes seconds, so for a GPU the compiled model is kept (OpenVINO's `cache_dir`) in a
 folder per model file under the store, keyed by the file's identity like the optimised-model cache: a reinstalled

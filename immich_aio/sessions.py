@@ -179,7 +179,7 @@ def _no_intel_gpu() -> None:
     """Said once per process (the command line checks the providers before the server makes its own factory)."""
     log.info(
         "OpenVINO lists no Intel GPU here: serving with ONNX Runtime's CPU provider (on the CPU, OpenVINO measured "
-        "10-15 %s more throughput for 1.7x the memory and 2-3x slower first requests; "
+        "10-15 %s more throughput for 2-2.4x the memory and 2-3x slower first requests; "
         "IMMICH_AIO_PROVIDERS=OpenVINOExecutionProvider,CPUExecutionProvider chooses it anyway)",
         "%",
     )
