@@ -23,7 +23,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from immich_aio.store import file_identity
+from immich_aio.store import file_identity, per_file_folder, sweep_per_file
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class CompiledCache:
         if identity is None:
             return None
         resolved = str(source.resolve())
-        per_source = self.root / hashlib.sha256(resolved.encode()).hexdigest()[:16]
+        per_source = per_file_folder(self.root, source)
         key = hashlib.sha256(json.dumps([resolved, *identity, ort.__version__]).encode()).hexdigest()[:16]
         entry = per_source / key
         try:
@@ -85,14 +85,4 @@ class CompiledCache:
 
     def sweep(self) -> int:
         """Remove the folders of model files that are no longer in the store."""
-        removed = 0
-        with contextlib.suppress(OSError):
-            for per_source in list(self.root.iterdir()):
-                sources = []
-                for about in per_source.glob(f"*/{ABOUT}"):
-                    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                        sources.append(json.loads(about.read_text())["source"])
-                if not any(Path(s).exists() for s in sources):
-                    shutil.rmtree(per_source, ignore_errors=True)
-                    removed += 1
-        return removed
+        return sweep_per_file(self.root, ABOUT)

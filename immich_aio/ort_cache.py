@@ -45,7 +45,7 @@ import onnxruntime as ort
 
 from immich_aio import ort_pack
 from immich_aio.ort_pack import GRAPH, WEIGHTS
-from immich_aio.store import file_identity
+from immich_aio.store import file_identity, per_file_folder, sweep_per_file
 
 log = logging.getLogger(__name__)
 
@@ -96,21 +96,7 @@ class OrtCache:
 
     def sweep(self) -> int:
         """Remove the entries of model files that no longer exist (a deleted model's copy would stay forever)."""
-        removed = 0
-        try:
-            folders = list(self.root.iterdir())
-        except OSError:
-            return 0
-        for folder in folders:
-            sources = set()
-            for about in folder.glob(f"*/{ABOUT}"):
-                try:
-                    sources.add(json.loads(about.read_text())["source"])
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue  # unreadable: left to the next load of its source, which replaces it
-            if sources and not any(Path(s).exists() for s in sources):
-                shutil.rmtree(folder, ignore_errors=True)
-                removed += 1
+        removed = sweep_per_file(self.root, ABOUT)
         if removed:
             log.info("Removed the optimised copies of %d model file(s) that are no longer in the store", removed)
         return removed
@@ -130,7 +116,7 @@ class OrtCache:
 
     def folder(self, source: Path) -> Path:
         """One folder per source file, whatever its versions: a new entry replaces the old ones in it."""
-        return self.root / hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
+        return per_file_folder(self.root, source)
 
     def session(
         self,

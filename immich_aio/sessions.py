@@ -45,6 +45,7 @@ class SessionFactory:
         self.settings = settings
         self.metrics = metrics
         available = ort.get_available_providers()
+        ov_devices = openvino.devices() if openvino.PROVIDER in available else []
         if settings.providers:
             unknown = [p for p in settings.providers if p not in available]
             if unknown:
@@ -55,7 +56,7 @@ class SessionFactory:
             self.providers = list(settings.providers)
         elif CUDA in available and cuda_usable(settings.device_id):
             self.providers = [CUDA, CPU]
-        elif OPENVINO in available and openvino.gpus(openvino.devices()):
+        elif OPENVINO in available and openvino.gpus(ov_devices):
             self.providers = [OPENVINO, CPU]  # the `openvino` extra on a host with an Intel GPU: what it is for
         else:
             if OPENVINO in available:
@@ -63,7 +64,7 @@ class SessionFactory:
             self.providers = [CPU]
         self.cpu_only = self.providers == [CPU]
         self.openvino_device = (
-            openvino.device_type(settings.device_id, openvino.devices()) if OPENVINO in self.providers else None
+            openvino.device_type(settings.device_id, ov_devices) if OPENVINO in self.providers else None
         )
         # OpenVINO compiles a model for a GPU for seconds, and its cache saves that; on the CPU device its cache saved
         # 0.1 of a ViT-B/16's 1.9 s load and took 900 MB for the benchmark's models, so it is kept for GPUs only

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -228,6 +229,28 @@ def _from_manifest(path: Path, stat: os.stat_result) -> str | None:
         if folder.name in TASKS:
             return None
     return None
+
+
+def per_file_folder(root: Path, source: Path) -> Path:
+    """The folder under a cache of derived copies (`root`: ONNX Runtime's, OpenVINO's) that holds one model file's
+    copies, whatever its versions."""
+    return root / hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
+
+
+def sweep_per_file(root: Path, about: str) -> int:
+    """Remove the per-file folders under `root` whose model files are gone, as `<folder>/*/<about>` names them
+    ({"source": path}); a folder with no readable note is left (its writer may be another server, still at it)."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        for folder in list(root.iterdir()):
+            sources = set()
+            for note in folder.glob(f"*/{about}"):
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    sources.add(json.loads(note.read_text())["source"])
+            if sources and not any(Path(s).exists() for s in sources):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+    return removed
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
