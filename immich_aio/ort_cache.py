@@ -44,19 +44,21 @@ from typing import Any
 import onnxruntime as ort
 
 from immich_aio import ort_pack
-from immich_aio.ort_pack import GRAPH, WEIGHTS
+from immich_aio.ort_pack import GRAPH, READ_ORDER, WEIGHTS
 from immich_aio.store import file_identity, per_file_folder, sweep_per_file
 
 log = logging.getLogger(__name__)
 
 FOLDER = ".ort-cache"  # under the model store; the store's task folders never have this name
-FORMAT = 1  # bump when what an entry holds changes
+FORMAT = 2  # bump when what an entry holds changes (2: its read order, ort_pack.READ_ORDER)
 ABOUT = "source.json"
 PACKED = "packed"  # an entry's folder of the same graph with packed weights, made and checked by ort_pack.py
 NOT_PACKED = "not-packed"  # an entry's note of why its packed copy was refused: it is not tried again
 PACK_TIMEOUT_S = 900
 PACKER = (sys.executable, "-m", "immich_aio.ort_pack")  # run with entry|pack SOURCE FOLDER
 DISK_MARGIN = 256 << 20  # bytes left free on the store's disk after saving an optimised copy
+READ_AHEAD_PIECE = 4 << 20  # bytes asked for at a time, in read order
+MAX_READ_ORDER = 100_000  # ranges: a read order longer than this is not one ort_pack.py wrote
 STALE_PARTIAL_S = 3600  # a temporary folder this old was left by a process that died while writing
 
 
@@ -295,23 +297,58 @@ class OrtCache:
             shutil.rmtree(other, ignore_errors=True)
 
 
-def read_ahead(saved: Path) -> None:
-    """Ask the kernel to read a copy's weights file in the background before ONNX Runtime maps it.
+def read_ahead(saved: Path) -> threading.Thread | None:
+    """Ask the kernel for a copy's weights file, in the order ONNX Runtime will read it, while it builds the session.
 
     Mapped weights are faulted in a few pages at a time: paged out on a slow disk, a ViT-B/16 copy took 2.6 s that
-    way and 1.4 s read in one pass first; on a fast disk reading first in this process cost more than it saved
-    (1.37-1.82 s against 0.83-1.27 s faulted in). Asked asynchronously (POSIX_FADV_WILLNEED), the disk reads while
-    ONNX Runtime builds the session: 0.93-1.08 s there. The whole file: ONNX Runtime touches every page of it,
-    a packed copy's weights as stored included (reading only the packed ones first left the session as slow as
-    reading nothing)."""
+    way and 1.4 s read in one pass first; but reading first in this process cost more than it saved on a fast disk.
+    Asked for asynchronously (POSIX_FADV_WILLNEED) the disk reads while the session is built, and the order
+    matters: a packed copy holds each initializer as stored, which the session build reads, and its packed form,
+    which the first run reads, side by side. Asked for as one whole file, the packed forms came in the way of the
+    initializers the build was waiting for (0.83 s for a ViT-B/16, against 0.62 s in read order and 0.54-0.58 s
+    from the page cache). So a thread asks for the ranges of the copy's read order (ort_pack.READ_ORDER) in
+    pieces, then for the whole file (a copy without a usable read order gets only that)."""
     if not hasattr(os, "posix_fadvise"):
-        return
+        return None
+    thread = threading.Thread(target=_advise_in_order, args=(saved,), name="read-ahead", daemon=True)
+    thread.start()
+    return thread
+
+
+def _advise_in_order(saved: Path) -> None:
     with contextlib.suppress(OSError):  # unreadable or missing: ONNX Runtime's own error says so
         fd = os.open(saved / WEIGHTS, os.O_RDONLY)
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            for offset, length in _read_order(saved, os.fstat(fd).st_size):
+                end = offset + length
+                while offset < end:  # in pieces: asked for in larger ones, the order was lost (16 MB: 0.86 s)
+                    piece = min(READ_AHEAD_PIECE, end - offset)
+                    os.posix_fadvise(fd, offset, piece, os.POSIX_FADV_WILLNEED)
+                    offset += piece
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)  # and whatever the order left out
         finally:
             os.close(fd)
+
+
+def _read_order(saved: Path, size: int) -> list[tuple[int, int]]:
+    """The copy's read order, or nothing when it has none or one that does not fit its weights file."""
+    try:
+        with (saved / READ_ORDER).open("rb") as f:
+            text = f.read(MAX_READ_ORDER * 64 + 1)  # a range is at most ~45 bytes of JSON: never a huge file whole
+        ranges = json.loads(text) if len(text) <= MAX_READ_ORDER * 64 else None
+    except (OSError, ValueError):
+        return []
+    if not isinstance(ranges, list) or len(ranges) > MAX_READ_ORDER:
+        return []
+    out = []
+    for item in ranges:
+        if not (isinstance(item, list) and len(item) == 2 and all(type(v) is int for v in item)):
+            return []
+        offset, length = item
+        if offset < 0 or length <= 0 or offset + length > size:
+            return []
+        out.append((offset, length))
+    return out
 
 
 def _note(entry: Path, reason: str) -> None:

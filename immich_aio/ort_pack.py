@@ -11,11 +11,15 @@ this child saves the packed copy, opens it again, runs it at several batch sizes
 from, and exits 0 only if every output agrees. Only models whose sole free dimension is the batch are packed, so
 those runs are the shapes the server will run.
 
+Both also write the copy's read order (`READ_ORDER`): the ranges of its weights file in the order ONNX Runtime reads
+them, which the server asks the kernel for ahead of a load (ort_cache.read_ahead).
+
 Usage: python -m immich_aio.ort_pack entry|pack SOURCE FOLDER
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -24,6 +28,7 @@ import numpy as np
 import onnxruntime as ort  # after the package's __init__, which turns ONNX Runtime's telemetry off
 
 GRAPH, WEIGHTS = "model.onnx", "weights.bin"  # an entry's files (ort_cache.py)
+READ_ORDER = "read-order.json"  # [[offset, length], ...] of WEIGHTS, in the order a session reads them
 BATCHES = (1, 2, 5)  # single, even and above the CPU batch size: the crash seen came at every shape
 EXIT_DISAGREES = 3
 
@@ -65,10 +70,45 @@ def feeds(inputs: list[ort.NodeArg], batch: int, rng: np.random.Generator) -> di
     return out
 
 
+def read_order(folder: Path) -> list[tuple[int, int]]:
+    """The weights file's ranges in the order ONNX Runtime reads them: every initializer as stored while the session
+    is built (it reads those of packed weights too), then the packed weights, which the first run reads.
+
+    Measured on a ViT-B/16's packed copy paged out (2 cores): asked for in this order the load and first run took
+    0.62 s (median of 8), asked for as one whole-file read-ahead 0.83 s, as in the page cache 0.54-0.58 s.
+    The packed weights' place is read from ONNX Runtime's own notes in the graph ("prepacked_*" entries of
+    external data: "kernel|offset;length;..."); a note it words otherwise is skipped, and the server asks for
+    the whole file after these ranges anyway."""
+    import onnx  # here, not at the top: only this child needs it
+
+    model = onnx.load(str(folder / GRAPH), load_external_data=False)
+    built: list[tuple[int, int]] = []
+    first_run: list[tuple[int, int]] = []
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        if info.get("location") != WEIGHTS or "length" not in info:
+            continue
+        built.append((int(info.get("offset", "0")), int(info["length"])))
+        for key, value in info.items():
+            if key.startswith("prepacked"):
+                for part in value.split("|")[1:]:
+                    fields = part.split(";")
+                    if len(fields) >= 2 and fields[0].isdigit() and fields[1].isdigit():
+                        first_run.append((int(fields[0]), int(fields[1])))
+    return sorted(built) + sorted(first_run)
+
+
+def write_read_order(folder: Path) -> None:
+    (folder / READ_ORDER).write_text(json.dumps(read_order(folder)) + "\n")
+
+
 def main(argv: list[str]) -> int:
     mode, source, folder = argv[0], Path(argv[1]), Path(argv[2])
     saving_opts = saving(options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL), folder, packed=mode == "pack")
     reference = ort.InferenceSession(str(source), saving_opts, providers=["CPUExecutionProvider"])  # saves it
+    write_read_order(folder)
     if mode == "entry":
         return 0
     if not batch_only(reference.get_inputs()):
