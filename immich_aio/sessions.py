@@ -63,6 +63,7 @@ class SessionFactory:
                 _no_intel_gpu()
             self.providers = [CPU]
         self.cpu_only = self.providers == [CPU]
+        self.on_cuda = CUDA in self.providers  # what MT Photos calls "cuda" (an Intel GPU through OpenVINO is not)
         self.openvino_device = (
             openvino.device_type(settings.device_id, ov_devices) if OPENVINO in self.providers else None
         )
@@ -223,7 +224,7 @@ def cuda_usable(device_id: int) -> bool:
             session = ort.InferenceSession(
                 model.SerializeToString(),
                 opts,
-                providers=[("CUDAExecutionProvider", {"device_id": str(device_id)})],
+                providers=[(CUDA, {"device_id": str(device_id)})],
             )
         ok = CUDA in session.get_providers()
         reason = _cuda_error(printed.getvalue()) or "CUDA was not enabled for the session"

@@ -108,7 +108,7 @@ async def check(request: Request) -> Response:
                 "result": "pass",
                 "title": "mt-photos-ai服务",
                 "help": HELP,
-                "device": "cuda" if "CUDAExecutionProvider" in rt.factory.providers else "cpu",
+                "device": "cuda" if rt.factory.on_cuda else "cpu",
                 "detector_backend": "insightface",
                 "recognition_model": rt.settings.mt_face_model,
             }
