@@ -20,7 +20,10 @@ cached (not graphs rewritten in memory), and only on the CPU: the GPU providers 
 An entry can also hold the weights as the CPU kernels repack them (`packed/`, a ViT-B/16 loads in 0.24 s instead of
 0.40 s). ONNX Runtime has crashed on opening such a copy, so the server never makes or opens one unchecked: the
 child that makes it also reopens and runs it, and only a copy that ran and agreed there is used; one that
-crashed, disagreed or timed out leaves a `not-packed` note and is not tried again."""
+crashed, disagreed or timed out leaves a `not-packed` note and is not tried again.
+
+Each copy is saved with its read order (ort_pack.READ_ORDER), so that a load from a paged-out disk asks the kernel
+for its weights in the order ONNX Runtime reads them, while the session is built (`read_ahead`)."""
 
 from __future__ import annotations
 
