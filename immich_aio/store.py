@@ -65,7 +65,7 @@ def identity(paths: Iterable[Path]) -> tuple[FileIdentity, ...]:
 class FileInfo:
     path: str
     size: int
-    sha256: str
+    sha256: str | None  # None: the file changed before it could be hashed (ModelRegistry._describe)
 
     def as_dict(self) -> dict[str, object]:
         return {"path": self.path, "size": self.size, "sha256": self.sha256}
@@ -163,9 +163,16 @@ class ModelStore:
                 self._hashes[key] = digest
                 while len(self._hashes) > self.HASH_CACHE:
                     self._hashes.popitem(last=False)
+        return FileInfo(self._shown(path), stat.st_size, digest)
+
+    def undescribed(self, path: Path, size: int) -> FileInfo:
+        """A file as loaded that was replaced or removed before it could be hashed: its size then, no sha256."""
+        return FileInfo(self._shown(path), size, None)
+
+    def _shown(self, path: Path) -> str:
+        """The path inside the store where possible."""
         resolved = path.resolve()
-        shown = str(resolved.relative_to(self.root)) if resolved.is_relative_to(self.root) else str(resolved)
-        return FileInfo(shown, stat.st_size, digest)
+        return str(resolved.relative_to(self.root)) if resolved.is_relative_to(self.root) else str(resolved)
 
     def _record_path(self, file: str) -> Path:
         """One record per model file (a new version overwrites it): as many records as files, never more."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -510,6 +511,7 @@ def test_info_shows_the_loaded_files_even_after_they_change_or_vanish(client, st
         shutil.copyfile(bundled_model_dir() / f, folder / t / "model.onnx")
     loaded_sha = sha256_file(folder / "detection" / "model.onnx")
     assert predict(client, OCR_ENTRIES, image=PHOTO).status_code == 200
+    assert client.get("/info").status_code == 200  # the files as loaded are described (it waits for that)
     (folder / "detection" / "model.onnx").write_bytes(b"replaced on disk, not loaded")
     det = next(m for m in client.get("/info").json()["models"] if m["type"] == "detection")
     assert det["files"]["model"]["sha256"] == loaded_sha
@@ -518,6 +520,79 @@ def test_info_shows_the_loaded_files_even_after_they_change_or_vanish(client, st
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     det = next(m for m in r.json()["models"] if m["type"] == "detection")
     assert det["files"]["model"]["sha256"] == loaded_sha
+
+
+def _ocr_in_store(store: Path) -> Path:
+    from immich_aio.models.ocr import bundled_model_dir
+
+    folder = store / "ocr" / "PP-OCRv5_mobile"
+    for t, f in (("detection", "PP-OCRv6_det_small.onnx"), ("recognition", "PP-OCRv6_rec_small.onnx")):
+        (folder / t).mkdir(parents=True)
+        shutil.copyfile(bundled_model_dir() / f, folder / t / "model.onnx")
+    return folder
+
+
+def _held_hashing(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Hashing for /info held until `release` is set; `started` is set when the first hash begins."""
+    from immich_aio import store as store_module
+
+    started, release = threading.Event(), threading.Event()
+    real = store_module.sha256_file
+
+    def held(path, *args, **kwargs):
+        started.set()
+        release.wait(60)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "sha256_file", held)
+    return started, release
+
+
+def test_a_first_request_does_not_wait_for_the_sha256_of_its_files(client, store, monkeypatch):
+    """Issue 19: on a first start on files never seen, the first request waited for its files' sha256 (/info's),
+    computed beside the load: on a CPU hashing slower than ONNX Runtime loads, that was the request's time. It is
+    still computed beside the load, at the lowest priority, and nothing but /info waits for it."""
+    from immich_aio.store import sha256_file
+
+    folder = _ocr_in_store(store)
+    started, release = _held_hashing(monkeypatch)
+    answered: list[int] = []
+    try:
+        request = threading.Thread(
+            target=lambda: answered.append(predict(client, OCR_ENTRIES, image=PHOTO).status_code)
+        )
+        request.start()
+        request.join(60)
+        assert started.is_set()  # hashing had begun, and is held
+        assert answered == [200]  # answered while it was held
+    finally:
+        release.set()
+    det = next(m for m in client.get("/info").json()["models"] if m["type"] == "detection")
+    assert det["files"]["model"]["sha256"] == sha256_file(folder / "detection" / "model.onnx")
+    hashers = [t.native_id for t in threading.enumerate() if t.name.startswith("describe")]  # every registry's
+    assert hashers and all(tid is not None and os.getpriority(os.PRIO_PROCESS, tid) == 19 for tid in hashers)
+
+
+def test_a_file_replaced_before_it_was_hashed_is_shown_without_a_sha256(client, store, monkeypatch):
+    """Its successor's sha256 would describe a file that is not loaded: /info shows the size as loaded and no
+    sha256 (the next request loads the new file, which is then described)."""
+    folder = _ocr_in_store(store)
+    model = folder / "detection" / "model.onnx"
+    loaded_size = model.stat().st_size
+    started, release = _held_hashing(monkeypatch)
+    try:
+        assert predict(client, OCR_ENTRIES, image=PHOTO).status_code == 200
+        assert started.wait(60)
+        replacement = model.with_name("new.onnx")
+        shutil.copyfile(model, replacement)
+        with replacement.open("ab") as f:
+            f.write(b"\0" * 16)  # another version of the file (ONNX ignores nothing here: it is never loaded)
+        replacement.replace(model)
+    finally:
+        release.set()
+    det = next(m for m in client.get("/info").json()["models"] if m["type"] == "detection")
+    assert det["files"]["model"] == {"path": "ocr/PP-OCRv5_mobile/detection/model.onnx", "size": loaded_size,
+                                     "sha256": None}  # fmt: skip
 
 
 # --- class 7: one bad store entry -----------------------------------------------------------------
