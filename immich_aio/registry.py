@@ -64,7 +64,9 @@ class Loaded:
     @property
     def files(self) -> dict[str, FileInfo]:
         """Its files as loaded (blocking until they are described: call it from a worker)."""
-        return self.described.result() if self.described is not None else {}
+        if self.described is None or self.described.cancelled():  # the server is stopping
+            return {}
+        return self.described.result()
 
 
 Listener = Callable[[str, tuple[str, str, str], float], None]  # (event, key, seconds)
@@ -108,7 +110,7 @@ class ModelRegistry:
             try:
                 model = spec.build()
                 identities = {role: file_identity(path) for role, path in model.files.items()}
-                described = self._hasher.submit(self._describe, model, identities)  # beside the load, not after it
+                described = self._describing(model, identities)
                 model.load()
             except PredictError:
                 self._listener("load_failed", spec.key, time.perf_counter() - started)
@@ -131,6 +133,15 @@ class ModelRegistry:
             "is an install still running? Try again when it has finished",
             served=spec.name,
         )
+
+    def _describing(self, model: Model, identities: dict[str, FileIdentity]) -> Future[dict[str, FileInfo]]:
+        """The files described beside the load, not after it; not at all once the server is stopping."""
+        try:
+            return self._hasher.submit(self._describe, model, identities)
+        except RuntimeError:  # closed: a load still under way at the stop is not described
+            dropped: Future[dict[str, FileInfo]] = Future()
+            dropped.cancel()
+            return dropped
 
     def _describe(self, model: Model, identities: dict[str, FileIdentity]) -> dict[str, FileInfo]:
         """Each file's path, size and sha256, for the version that was loaded: one replaced before it was hashed
@@ -237,6 +248,10 @@ class ModelRegistry:
             gc.collect()
             trim()
         return unloaded
+
+    def close(self) -> None:
+        """The server is stopping: hashing not yet begun is dropped (a hash under way still ends, one file)."""
+        self._hasher.shutdown(wait=False, cancel_futures=True)
 
     def unload_all(self, keep_pinned: bool = False) -> list[tuple[str, str, str]]:
         """Unload every model (runs under way finish first); `keep_pinned` spares the preloaded ones."""

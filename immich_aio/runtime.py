@@ -184,6 +184,7 @@ class Runtime:
         self.interactive.shutdown(wait=True, cancel_futures=True)
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.registry.unload_all()
+        self.registry.close()
         log.info("Stopped: requests finished, models unloaded")
 
     def missing_plan(self, task: Task, type_: ModelType, name: str) -> FetchPlan | None:

@@ -595,6 +595,29 @@ def test_a_file_replaced_before_it_was_hashed_is_shown_without_a_sha256(client, 
                                      "sha256": None}  # fmt: skip
 
 
+def test_a_stopping_server_drops_hashing_not_yet_begun(client, store, monkeypatch):
+    """Hashing no request waits for must not hold up a stop either: what has not begun is dropped (the file being
+    hashed is finished), and the model it was for shows no files rather than failing."""
+    from immich_aio.store import sha256_file
+
+    folder = _ocr_in_store(store)
+    started, release = _held_hashing(monkeypatch)
+    registry = client.app.state.runtime.registry
+    try:
+        assert predict(client, OCR_ENTRIES, image=PHOTO).status_code == 200  # detector's hash held, recogniser's queued
+        assert started.wait(60)
+        registry.close()
+    finally:
+        release.set()
+    loaded = {e.spec.type: e for e in registry.loaded()}
+    assert loaded["recognition"].described is not None and loaded["recognition"].described.cancelled()
+    assert loaded["recognition"].files == {}
+    assert loaded["detection"].files["model"].sha256 == sha256_file(folder / "detection" / "model.onnx")
+    registry.unload_all()  # a load still under way at the stop: it loads, undescribed
+    assert predict(client, OCR_ENTRIES, image=PHOTO).status_code == 200
+    assert all(e.files == {} for e in registry.loaded())
+
+
 # --- class 7: one bad store entry -----------------------------------------------------------------
 
 
