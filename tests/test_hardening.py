@@ -502,13 +502,9 @@ def test_requests_during_repeated_reinstalls_never_mix_models(tmp_path, store, m
 
 
 def test_info_shows_the_loaded_files_even_after_they_change_or_vanish(client, store):
-    from immich_aio.models.ocr import bundled_model_dir
     from immich_aio.store import sha256_file
 
-    folder = store / "ocr" / "PP-OCRv5_mobile"
-    for t, f in (("detection", "PP-OCRv6_det_small.onnx"), ("recognition", "PP-OCRv6_rec_small.onnx")):
-        (folder / t).mkdir(parents=True)
-        shutil.copyfile(bundled_model_dir() / f, folder / t / "model.onnx")
+    folder = _ocr_in_store(store)
     loaded_sha = sha256_file(folder / "detection" / "model.onnx")
     assert predict(client, OCR_ENTRIES, image=PHOTO).status_code == 200
     assert client.get("/info").status_code == 200  # the files as loaded are described (it waits for that)
