@@ -35,6 +35,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -335,9 +336,12 @@ def _in_background(path: Path, order: Callable[[int], list[tuple[int, int]]]) ->
 
 def _advise(path: Path, order: Callable[[int], list[tuple[int, int]]]) -> None:
     with contextlib.suppress(OSError):  # unreadable or missing: ONNX Runtime's own error says so
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO in the store must not hold this thread for good
         try:
-            for offset, length in order(os.fstat(fd).st_size):
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return
+            for offset, length in order(info.st_size):
                 end = offset + length
                 while offset < end:  # in pieces: asked for in larger ones, the order was lost (16 MB: 0.86 s)
                     piece = min(READ_AHEAD_PIECE, end - offset)

@@ -537,6 +537,20 @@ def test_a_models_own_file_is_read_ahead_whole_as_it_is_loaded(tmp_path, model, 
     assert calls == [(str(model), 0, 0)]
 
 
+def test_a_read_ahead_of_something_other_than_a_file_asks_nothing_and_ends(tmp_path, monkeypatch):
+    """A FIFO (or a folder) where a model file should be: opening a FIFO to read waits for a writer, which would hold
+    the read-ahead thread for good; it ends at once and asks the kernel for nothing."""
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    calls = _files_advised(monkeypatch)
+    for path in (fifo, tmp_path):
+        thread = ort_cache.read_ahead_file(path)
+        assert thread is not None
+        thread.join(10)
+        assert not thread.is_alive()
+    assert calls == []
+
+
 def test_a_model_with_a_copy_reads_ahead_the_copy_not_its_own_file(tmp_path, model, monkeypatch):
     """Both would compete for the disk: only the file the session opens is asked for."""
     store = tmp_path / "store"
