@@ -258,7 +258,7 @@ def unsettled(store: Path) -> list[Path]:
     a note refusing one."""
     import onnx
 
-    from immich_aio import ort_cache
+    from immich_aio import ort_cache, ort_pack
 
     cache = ort_cache.OrtCache(store)
     sources = [
@@ -273,7 +273,7 @@ def unsettled(store: Path) -> list[Path]:
         if (entry / ort_cache.PACKED).is_dir() or (entry / ort_cache.NOT_PACKED).exists():
             continue
         inputs = onnx.load(str(graph), load_external_data=False).graph.input
-        if all(all(d.dim_value > 0 for d in i.type.tensor_type.shape.dim[1:]) for i in inputs):
+        if ort_pack.fixed_but_batch([[d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in inputs]):
             waiting.append(entry)
     return waiting
 
