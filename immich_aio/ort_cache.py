@@ -133,7 +133,7 @@ class OrtCache:
     ) -> ort.InferenceSession:
         key = self.key(source, providers)
         if key is None:  # the source is gone: ONNX Runtime's own error says so
-            return _plain(source, options, providers)
+            return plain_session(source, options, providers)
         entry = self.folder(source) / key
         for saved in (entry / PACKED, entry):
             if (saved / GRAPH).is_file() and (session := self._open(saved, source, options, providers)) is not None:
@@ -143,7 +143,7 @@ class OrtCache:
         # Nothing saved yet: the model's own file, as without the cache; the copy is written later, by a child
         # process once the server is quiet, so that no request waits for the disk (on a first start, writing the
         # copies on the requests' path made CLIP's first request 28 s behind a busy disk).
-        session = _plain(source, options, providers)
+        session = plain_session(source, options, providers)
         self._later(source, entry, session)
         return session
 
@@ -401,7 +401,9 @@ def _child_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=package_root + (os.pathsep + path if path else ""))
 
 
-def _plain(source: Path, options: Callable[[], ort.SessionOptions], providers: Sequence[Any]) -> ort.InferenceSession:
-    """The session from the model's own file, as without the cache."""
+def plain_session(
+    source: Path, options: Callable[[], ort.SessionOptions], providers: Sequence[Any]
+) -> ort.InferenceSession:
+    """The session from the model's own file, as without the cache (and where there is none), read ahead whole."""
     read_ahead_file(source)
     return ort.InferenceSession(str(source), sess_options=options(), providers=providers)

@@ -21,7 +21,7 @@ import onnxruntime as ort
 from immich_aio import openvino
 from immich_aio.batching import BatchPolicy, RunGate
 from immich_aio.config import Settings
-from immich_aio.ort_cache import OrtCache, read_ahead_file
+from immich_aio.ort_cache import OrtCache, plain_session
 
 if TYPE_CHECKING:
     from immich_aio.metrics import Metrics
@@ -173,9 +173,8 @@ class SessionFactory:
             return self.ort_cache.session(model, self.options, self.provider_list(profile))
         providers = self.provider_list(profile, model if isinstance(model, Path) else None)
         if isinstance(model, Path):
-            read_ahead_file(model)  # from a paged-out disk, ONNX Runtime's small reads each wait for it
-        source = str(model) if isinstance(model, Path) else model
-        return ort.InferenceSession(source, sess_options=self.options(), providers=providers)
+            return plain_session(model, self.options, providers)
+        return ort.InferenceSession(model, sess_options=self.options(), providers=providers)
 
 
 @functools.cache

@@ -435,20 +435,36 @@ def test_packing_waits_until_the_server_is_quiet(tmp_path, model, monkeypatch):
     assert log.read_text().split() == ["start", "end", "start", "end"]  # one after the other
 
 
-def _advised(monkeypatch) -> list[tuple[int, int, int]]:
-    calls: list[tuple[int, int, int]] = []
+Advice = tuple[str, int, int, int]  # (the file it names, offset, length, advice)
+
+
+def _advised(monkeypatch) -> list[Advice]:
+    """Every read-ahead asked of the kernel."""
+    calls: list[Advice] = []
     real = os.posix_fadvise
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: (calls.append((off, n, advice)),
-                                                                        real(fd, off, n, advice))[1])  # fmt: skip
+
+    def advise(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", advise)
     return calls
 
 
-def _advised_by(thread: threading.Thread | None, calls: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
-    assert thread is not None
-    thread.join(30)
-    assert not thread.is_alive()
+def _asked(calls: list[Advice], thread: threading.Thread | None = None) -> list[tuple[str, int, int]]:
+    """Once the read-ahead `thread` (default: every read-ahead thread) has ended: what it asked for, checked here,
+    in the test's thread, to be read-aheads only."""
+    threads = [thread] if thread is not None else [t for t in threading.enumerate() if t.name == "read-ahead"]
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
     assert {advice for *_, advice in calls} <= {os.POSIX_FADV_WILLNEED}
-    return [(offset, length) for offset, length, _ in calls]
+    return [(path, offset, length) for path, offset, length, _ in calls]
+
+
+def _advised_by(thread: threading.Thread | None, calls: list[Advice]) -> list[tuple[int, int]]:
+    assert thread is not None
+    return [(offset, length) for _, offset, length in _asked(calls, thread)]
 
 
 def test_a_saved_copy_is_read_ahead_as_it_is_opened(tmp_path, model, monkeypatch):
@@ -504,37 +520,15 @@ def test_a_packed_copy_is_asked_for_in_the_order_a_session_reads_it(tmp_path, mo
     assert [tuple(r) for r in plain_order] == sorted((int(e["offset"]), int(e["length"])) for e in _external(unpacked))
 
 
-def _files_advised(monkeypatch) -> list[tuple[str, int, int]]:
-    """Every read-ahead asked of the kernel, by the file it names."""
-    calls: list[tuple[str, int, int]] = []
-    real = os.posix_fadvise
-
-    def advise(fd: int, offset: int, length: int, advice: int) -> None:
-        assert advice == os.POSIX_FADV_WILLNEED
-        calls.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length))
-        real(fd, offset, length, advice)
-
-    monkeypatch.setattr(os, "posix_fadvise", advise)
-    return calls
-
-
-def _read_ahead_done() -> None:
-    for thread in threading.enumerate():
-        if thread.name == "read-ahead":
-            thread.join(30)
-            assert not thread.is_alive()
-
-
 @pytest.mark.parametrize("cache", ["true", "false"])
 def test_a_models_own_file_is_read_ahead_whole_as_it_is_loaded(tmp_path, model, monkeypatch, cache):
     """Issue 19, a first start on files from a paged-out disk: ONNX Runtime reads a model file in small reads, each
     waiting for the disk (a ViT-B/16 loaded and ran once in 1.9 s, 1.2 s with its file asked for first). With no
     copy yet, and with the cache off, the file the session is built from is asked for whole, and nothing else."""
     store = tmp_path / "store"
-    calls = _files_advised(monkeypatch)
+    calls = _advised(monkeypatch)
     factory(store, IMMICH_AIO_ORT_CACHE=cache).create(model)
-    _read_ahead_done()
-    assert calls == [(str(model), 0, 0)]
+    assert _asked(calls) == [(str(model), 0, 0)]
 
 
 def test_a_read_ahead_of_something_other_than_a_file_asks_nothing_and_ends(tmp_path, monkeypatch):
@@ -542,13 +536,9 @@ def test_a_read_ahead_of_something_other_than_a_file_asks_nothing_and_ends(tmp_p
     the read-ahead thread for good; it ends at once and asks the kernel for nothing."""
     fifo = tmp_path / "model.onnx"
     os.mkfifo(fifo)
-    calls = _files_advised(monkeypatch)
+    calls = _advised(monkeypatch)
     for path in (fifo, tmp_path):
-        thread = ort_cache.read_ahead_file(path)
-        assert thread is not None
-        thread.join(10)
-        assert not thread.is_alive()
-    assert calls == []
+        assert _advised_by(ort_cache.read_ahead_file(path), calls) == []
 
 
 def test_a_model_with_a_copy_reads_ahead_the_copy_not_its_own_file(tmp_path, model, monkeypatch):
@@ -556,10 +546,10 @@ def test_a_model_with_a_copy_reads_ahead_the_copy_not_its_own_file(tmp_path, mod
     store = tmp_path / "store"
     load(store, model)
     [entry] = entries(store)
-    calls = _files_advised(monkeypatch)
+    calls = _advised(monkeypatch)
     assert factory(store).create(model)._model_path == str(entry / ort_cache.GRAPH)
-    _read_ahead_done()
-    assert calls and {path for path, *_ in calls} == {str(entry / ort_cache.WEIGHTS)}
+    asked = _asked(calls)
+    assert asked and {path for path, *_ in asked} == {str(entry / ort_cache.WEIGHTS)}
 
 
 def _external(graph: onnx.ModelProto) -> list[dict[str, str]]:
