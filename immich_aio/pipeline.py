@@ -9,8 +9,10 @@ within the shared pixel budget, and let go as soon as its last user has taken wh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,10 +111,22 @@ def _decoder(engine: Engine, job: Job, source: ImageSource) -> Decoder:
 def _run_entries(engine: Engine, entries: list[Entry], specs: list[ModelSpec], payload: Payload) -> Result:
     result = Result()
     last_image_entry = max((i for i, e in enumerate(entries) if not e.needs_text), default=-1)
+    # The later entries' models load while the first one loads and runs: on two cores a face request's
+    # recogniser load no longer waits for its detector's load and run (a first request after a start or an idle
+    # unload; nothing to do once they are loaded)
+    ahead = {
+        spec.key: future
+        for spec in specs[1:]
+        if spec.key != specs[0].key and (future := engine.registry.load_ahead(spec)) is not None
+    }
     for index, (entry, spec) in enumerate(zip(entries, specs, strict=True)):
         payload.job.check()
         payload.last_image_user = index == last_image_entry
         try:
+            loading = ahead.pop(spec.key, None)
+            if loading is not None:
+                with contextlib.suppress(CancelledError):  # the server is stopping: use() loads it if it can
+                    loading.result()  # its load error, raised here once rather than tried again by use()
             with engine.registry.use(spec) as model:
                 try:
                     output = model.predict(payload, entry.options)

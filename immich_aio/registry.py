@@ -90,6 +90,9 @@ class ModelRegistry:
         self._lock = threading.Lock()
         # model loads are rare: one at a time, on CPU time no request wants
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="describe", initializer=_lowest_priority)
+        # a request's later models, loaded while its first one loads and runs (load_ahead)
+        self._loader = ThreadPoolExecutor(2, thread_name_prefix="load-ahead")
+        self._ahead: dict[tuple[str, str, str], Future[Model]] = {}
 
     def resolve(self, task: Task, type_: ModelType, requested: str) -> ModelSpec:
         return self.resolvers[task].resolve(type_, requested)
@@ -165,6 +168,32 @@ class ModelRegistry:
         """Load (once, however many threads ask at the same time) and return the model."""
         with self._hold(spec, pin) as model:
             return model
+
+    def load_ahead(self, spec: ModelSpec) -> Future[Model] | None:
+        """Start loading a model that a request needs after another (a face request's recogniser while its detector
+        loads and runs), on a loader thread; None when it is loaded already (or the server is stopping). One load
+        per model at a time, so this holds at most one entry per served model, whatever clients send. The request
+        takes the result before it uses the model: a failed load is raised there, once, not tried again."""
+        with self._lock:
+            slot = self._slots.get(spec.key)
+            if slot is not None and slot.model is not None:
+                return None
+            pending = self._ahead.get(spec.key)
+            if pending is not None:
+                return pending
+            try:
+                future = self._loader.submit(self._load_ahead, spec)
+            except RuntimeError:  # closed
+                return None
+            self._ahead[spec.key] = future
+            return future
+
+    def _load_ahead(self, spec: ModelSpec) -> Model:
+        try:
+            return self.load(spec)
+        finally:  # before the future is done (its entry was added under the lock this waits for)
+            with self._lock:
+                self._ahead.pop(spec.key, None)
 
     @contextlib.contextmanager
     def use(self, spec: ModelSpec) -> Iterator[Model]:
@@ -252,6 +281,7 @@ class ModelRegistry:
     def close(self) -> None:
         """The server is stopping: hashing not yet begun is dropped (a hash under way still ends, one file)."""
         self._hasher.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     def unload_all(self, keep_pinned: bool = False) -> list[tuple[str, str, str]]:
         """Unload every model (runs under way finish first); `keep_pinned` spares the preloaded ones."""

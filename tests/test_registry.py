@@ -7,6 +7,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from conftest import OCR_ENTRIES, encode, predict
@@ -181,3 +182,111 @@ def test_ping_answers_while_a_model_is_loading(make_client, monkeypatch):
         assert not pending.done()
         release.set()
         assert pending.result(60).status_code == 200
+
+
+class TwoStageModel(Model):
+    """A detector or recogniser whose load can wait for the other's (events shared through `stage`)."""
+
+    task = "facial-recognition"
+    stage: ClassVar[dict] = {}
+
+    def load(self) -> None:
+        st = TwoStageModel.stage
+        st["loads"].append(self.type)
+        if self.type == "recognition":
+            st["rec_loading"].set()
+            if st.get("rec_fails"):
+                raise RuntimeError("truncated file")
+        else:  # the detector's load outlasts the start of the recogniser's only if that is loaded ahead
+            st["det_saw_rec_loading"] = st["rec_loading"].wait(timeout=5)
+        self.session = FakeSession()
+
+    def predict(self, payload, options):
+        return self.type
+
+
+def _two_stage_request(reg: ModelRegistry):
+    from immich_aio.imaging import PixelBudget
+    from immich_aio.jobs import Job
+    from immich_aio.payload import Payload
+    from immich_aio.pipeline import Engine, _run_entries
+    from immich_aio.protocol import Entry
+    from immich_aio.tasks import ModelType, Task
+
+    def spec_for(type_):
+        model = type("M", (TwoStageModel,), {"type": type_})
+        return ModelSpec("facial-recognition", type_, "buffalo_l", lambda: model("buffalo_l", {}, None))
+
+    entries = [
+        Entry(Task("facial-recognition"), ModelType("detection"), "buffalo_l"),
+        Entry(Task("facial-recognition"), ModelType("recognition"), "buffalo_l"),
+    ]
+    engine = Engine(reg, PixelBudget(1 << 24, 1.0), 1 << 24)
+    return _run_entries(engine, entries, [spec_for("detection"), spec_for("recognition")], Payload(Job()))
+
+
+def test_a_requests_later_model_loads_while_its_first_one_loads():
+    TwoStageModel.stage = {"loads": [], "rec_loading": threading.Event()}
+    reg = ModelRegistry({}, 300)
+    try:
+        result = _two_stage_request(reg)
+    finally:
+        reg.close()
+    assert TwoStageModel.stage["det_saw_rec_loading"] is True
+    assert sorted(TwoStageModel.stage["loads"]) == ["detection", "recognition"]
+    assert result.body == {"facial-recognition": "recognition"}
+    assert len(reg.loaded()) == 2
+    assert reg._ahead == {}  # nothing is kept once the load is done
+
+
+def test_a_model_loaded_ahead_that_fails_is_reported_once_for_its_entry():
+    TwoStageModel.stage = {"loads": [], "rec_loading": threading.Event(), "rec_fails": True}
+    reg = ModelRegistry({}, 300)
+    try:
+        with pytest.raises(ModelLoadError, match="truncated file") as err:
+            _two_stage_request(reg)
+    finally:
+        reg.close()
+    assert err.value.type == "recognition"
+    assert TwoStageModel.stage["loads"].count("recognition") == 1  # not tried again by the request
+
+
+def test_a_load_ahead_cancelled_by_a_stop_leaves_the_request_to_load_it(monkeypatch):
+    from concurrent.futures import Future
+
+    TwoStageModel.stage = {"loads": [], "rec_loading": threading.Event()}
+    TwoStageModel.stage["rec_loading"].set()  # the detector's load does not wait here
+    reg = ModelRegistry({}, 300)
+
+    def cancelled(spec):
+        f: Future = Future()
+        f.cancel()
+        return f
+
+    monkeypatch.setattr(reg, "load_ahead", cancelled)
+    result = _two_stage_request(reg)
+    assert result.body == {"facial-recognition": "recognition"}
+    assert TwoStageModel.stage["loads"] == ["detection", "recognition"]
+
+
+def test_load_ahead_is_one_load_per_model_and_none_once_loaded():
+    release = threading.Event()
+
+    class Held(FakeModel):
+        def load(self) -> None:
+            release.wait(timeout=10)
+            self.session = FakeSession()
+
+    s = ModelSpec("ocr", "detection", "m", lambda: Held("m", {}, None))  # type: ignore[arg-type]
+    reg = ModelRegistry({}, 300)
+    try:
+        first, second = reg.load_ahead(s), reg.load_ahead(s)  # the first is still loading: held until released
+        assert first is not None and first is second
+        release.set()
+        model = first.result(timeout=10)
+        assert reg.load_ahead(s) is None
+        assert reg.load(s) is model
+        assert reg._ahead == {}
+    finally:
+        release.set()
+        reg.close()
