@@ -86,3 +86,18 @@ def test_pixel_limit_counts_width_times_height():
 def test_empty_is_bad_request():
     with pytest.raises(BadRequest):
         decode_image(b"", 10**8)
+
+
+def test_the_accepted_formats_decoders_are_registered_before_the_first_request():
+    """PIL would import its plugins on the first open, in the first request's time; the server does it at start."""
+    import subprocess
+    import sys
+
+    code = (
+        "from PIL import Image\n"
+        "import immich_aio.imaging as im\n"
+        "missing = [f for f in im.ACCEPTED_FORMATS if f not in Image.OPEN]\n"
+        "assert not missing, missing\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
