@@ -101,3 +101,63 @@ def test_the_accepted_formats_decoders_are_registered_before_the_first_request()
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def _resize_cases():
+    rng = np.random.default_rng(7)
+    for mode, shape, size in [
+        ("RGB", (1920, 1440, 3), (224, 298)),  # a portrait preview to CLIP's shorter side
+        ("RGB", (1440, 1920, 3), (298, 224)),
+        ("RGB", (1441, 1083, 3), (224, 224)),  # odd height, squashed (Chinese-CLIP)
+        ("RGB", (1200, 1000, 3), (1500, 1800)),  # upscaled
+        ("L", (1301, 999), (336, 437)),
+    ]:
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        pixels[: shape[0] // 3] //= 4  # some structure, not only noise
+        yield Image.fromarray(pixels, mode), size
+
+
+def test_resize_bicubic_is_pils_resize_pixel_for_pixel_with_its_row_pass_split(monkeypatch):
+    from immich_aio import imaging
+
+    passes = []
+    row_pass = imaging._row_pass
+    monkeypatch.setattr(imaging, "_row_pass", lambda *a: passes.append(a[1:3]) or row_pass(*a))
+    for image, size in _resize_cases():
+        passes.clear()
+        got = imaging.resize_bicubic(image, size)
+        assert got.size == size and got.mode == image.mode
+        assert np.array_equal(np.asarray(got), np.asarray(image.resize(size, Image.Resampling.BICUBIC)))
+        assert sorted(passes) == [(0, image.height // 2), (image.height // 2, image.height)]  # split in two
+    assert not imaging._resize_helper_free.locked()
+
+
+def test_resize_bicubic_resizes_alone_when_the_helper_is_busy_and_from_many_threads_at_once():
+    import threading
+
+    from immich_aio import imaging
+
+    cases = list(_resize_cases())
+    expected = [np.asarray(image.resize(size, Image.Resampling.BICUBIC)) for image, size in cases]
+    assert imaging._resize_helper_free.acquire(timeout=30)  # another request's half is on the helper
+    try:
+        image, size = cases[0]
+        assert np.array_equal(np.asarray(imaging.resize_bicubic(image, size)), expected[0])
+    finally:
+        imaging._resize_helper_free.release()
+    results: dict[tuple[int, int], np.ndarray] = {}
+
+    def worker(t: int) -> None:
+        for i, (image, size) in enumerate(cases):
+            results[(t, i)] = np.asarray(imaging.resize_bicubic(image, size))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert len(results) == 6 * len(cases)
+    for (_, i), got in results.items():
+        assert np.array_equal(got, expected[i])
+    assert not imaging._resize_helper_free.locked()

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from immich_aio.errors import BadRequest
+from immich_aio.imaging import resize_bicubic
 from immich_aio.jobs import Job
 from immich_aio.models.base import Model
 from immich_aio.payload import Payload
@@ -62,7 +63,7 @@ def preprocess_image(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
     """RGB image -> float32 3xSxS, exactly Chinese-CLIP's transform (squash, bicubic, CLIP norm)."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    resized = image.resize((size, size), Image.Resampling.BICUBIC)
+    resized = resize_bicubic(image, (size, size))
     x = np.asarray(resized, dtype=np.float32) / 255.0
     return ((x - MEAN) / STD).transpose(2, 0, 1)
 

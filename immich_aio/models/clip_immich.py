@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from immich_aio.errors import BadRequest
+from immich_aio.imaging import resize_bicubic
 from immich_aio.models.clip import ClipTower
 from immich_aio.payload import Payload
 from immich_aio.tasks import TEXTUAL, VISUAL
@@ -88,9 +89,9 @@ class Preprocess:
         img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
         w, h = img.size
         if w < h:
-            img = img.resize((self.size, int(h / w * self.size)), Image.Resampling.BICUBIC)
+            img = resize_bicubic(img, (self.size, int(h / w * self.size)))
         else:
-            img = img.resize((int(w / h * self.size), self.size), Image.Resampling.BICUBIC)
+            img = resize_bicubic(img, (int(w / h * self.size), self.size))
         left, top = int(img.size[0] / 2 - self.size / 2), int(img.size[1] / 2 - self.size / 2)
         img = img.crop((left, top, left + self.size, top + self.size))
         x = np.asarray(img, dtype=np.float32) / 255.0
