@@ -294,6 +294,57 @@ def test_an_install_removes_what_a_killed_install_of_the_same_model_left(tmp_pat
     assert (clip / "CN-CLIP-ViT-B-16" / "config.json").is_file()
 
 
+def _install(store, text: str) -> None:
+    from immich_aio.download.install import staged
+
+    with staged(store, "clip", "CN-CLIP-ViT-B-16") as stage:
+        (stage / "visual").mkdir()
+        (stage / "visual" / "model.onnx").write_text(text)
+
+
+def test_a_reinstall_swaps_the_folders_in_one_step(tmp_path, monkeypatch):
+    """Two renames left a moment with no model folder, and a request then was refused as if none were installed."""
+    from immich_aio.store import ModelStore
+
+    store = ModelStore(tmp_path / "models")
+    _install(store, "old")
+
+    def two_steps(self, dest):
+        raise AssertionError(f"{self} renamed to {dest}: a moment without the model's folder")
+
+    monkeypatch.setattr(Path, "rename", two_steps)
+    _install(store, "new")
+    clip = tmp_path / "models" / "clip"
+    assert (clip / "CN-CLIP-ViT-B-16" / "visual" / "model.onnx").read_text() == "new"
+    assert sorted(p.name for p in clip.iterdir()) == ["CN-CLIP-ViT-B-16"]  # the old folder gone, no stage left
+
+
+def test_a_reinstall_where_folders_cannot_be_exchanged_falls_back_to_two_renames(tmp_path, monkeypatch):
+    from immich_aio.download import install
+    from immich_aio.store import ModelStore
+
+    store = ModelStore(tmp_path / "models")
+    _install(store, "old")
+    monkeypatch.setattr(install, "_exchange", lambda a, b: False)
+    _install(store, "new")
+    clip = tmp_path / "models" / "clip"
+    assert (clip / "CN-CLIP-ViT-B-16" / "visual" / "model.onnx").read_text() == "new"
+    assert sorted(p.name for p in clip.iterdir()) == ["CN-CLIP-ViT-B-16"]
+
+
+def test_the_exchange_reports_what_it_could_not_do(tmp_path):
+    from immich_aio.download.install import _exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    (a / "x").write_text("a")
+    assert _exchange(a, b) is False  # nothing to exchange with: nothing moved
+    assert (a / "x").read_text() == "a" and not b.exists()
+    b.mkdir()
+    assert _exchange(a, b) is True
+    assert (b / "x").read_text() == "a" and not (a / "x").exists()
+
+
 def test_the_downloaders_import_no_model_code():
     """`immich-aio models` and the name catalogues load neither ONNX Runtime nor OpenCV (issue 18's layering)."""
     modules = ["cli", "clip", "ocr", "faces", "hf", "fetch", "install", "validate"]

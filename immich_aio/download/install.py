@@ -1,12 +1,15 @@
 """Atomic installation of a model folder into the store, with a sha256 manifest.
 
-Files are assembled in a staging folder beside the target and swapped in with renames, so the
-server (which may be running) sees either the old complete model or the new one, never a mix.
+Files are assembled in a staging folder beside the target and swapped in with one exchange of the two folders
+(Linux's renameat2 RENAME_EXCHANGE), so the server (which may be running) sees either the old complete model or
+the new one: never a mix, and never neither (two renames left a moment without the folder, in which a request
+was refused as if no model were installed). A filesystem that cannot exchange gets the two renames.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -58,6 +61,8 @@ def staged(store: ModelStore, task: str, name: str, keep_existing: bool = False)
             shutil.copytree(target, stage, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST))
         yield stage
         write_manifest(stage)
+        if target.exists() and _exchange(stage, target):
+            return  # the old folder is now at the stage's path, removed below
         old = None
         if target.exists():
             old = target.with_name(f".old-{target.name}-{stage.name[-8:]}")
@@ -68,6 +73,21 @@ def staged(store: ModelStore, task: str, name: str, keep_existing: bool = False)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step; False where the C library or the filesystem cannot (then nothing moved)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 STALE_S = 600  # a stage this old belongs to an install that was killed (installs of one model never overlap)
