@@ -81,6 +81,16 @@ class Payload:
             self._pil = None
         return self._array
 
+    @property
+    def full_decode_pending(self) -> bool:
+        """Not decoded yet, and every model will want it at full size (no reduced decode is allowed)."""
+        return self._decoder is not None and not self.may_reduce
+
+    def decode(self) -> None:
+        """Decode now what the first model would decode first thing (the pipeline does it while that model loads)."""
+        if self.full_decode_pending:
+            self._decode(None)
+
     def _decode(self, min_side: int | None) -> None:
         if self._decoder is None:
             raise RuntimeError("this request has no image, or its image was already let go")

@@ -38,6 +38,7 @@ class Engine:
     registry: ModelRegistry
     budget: PixelBudget
     max_pixels: int
+    clip_reduced_decode: bool = False  # IMMICH_AIO_CLIP_REDUCED_DECODE: a CLIP-only request may decode a JPEG reduced
 
 
 @dataclass
@@ -84,8 +85,9 @@ def run(
         text=text,
         size=(height, width),
         decoder=_decoder(engine, job, image),
-        # CLIP-only requests: the models resize to a small square, so a JPEG may be decoded reduced
-        may_reduce=all(e.task == CLIP for e in image_entries),
+        # CLIP-only requests: the models resize to a small square, so a JPEG may be decoded reduced (when allowed;
+        # otherwise the decode is known to be a full one, and is done while the first model loads)
+        may_reduce=engine.clip_reduced_decode and all(e.task == CLIP for e in image_entries),
     )
     try:
         return _run_entries(engine, entries, specs, payload)
@@ -119,11 +121,19 @@ def _run_entries(engine: Engine, entries: list[Entry], specs: list[ModelSpec], p
         for spec in specs[1:]
         if spec.key != specs[0].key and (future := engine.registry.load_ahead(spec)) is not None
     }
+    # A request with one model to load (CLIP's first request) has it loaded on a loader thread while this one
+    # decodes the photo, which its model would ask for first thing: the session build keeps one core busy, the
+    # decode (12-18 ms) takes the other. Not where two models load (both cores are busy), nor for a reduced
+    # decode, whose size only the model knows.
+    if not ahead and payload.full_decode_pending and (future := engine.registry.load_ahead(specs[0])) is not None:
+        ahead[specs[0].key] = future
     for index, (entry, spec) in enumerate(zip(entries, specs, strict=True)):
         payload.job.check()
         payload.last_image_user = index == last_image_entry
         try:
             loading = ahead.pop(spec.key, None)
+            if loading is not None and index == 0:
+                payload.decode()
             if loading is not None:
                 with contextlib.suppress(CancelledError):  # the server is stopping: use() loads it if it can
                     loading.result()  # its load error, raised here once rather than tried again by use()

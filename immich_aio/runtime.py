@@ -86,7 +86,7 @@ class Runtime:
         )
         budget = settings.decode_budget_pixels or DECODE_MP_PER_RUN * 1_000_000 * self.factory.run_slots
         self.budget = PixelBudget(budget, settings.decode_wait_s)
-        self.engine = Engine(self.registry, self.budget, settings.max_pixels)
+        self.engine = Engine(self.registry, self.budget, settings.max_pixels, settings.clip_reduced_decode)
         self.admission = Admission(
             settings.max_upload_bytes, settings.memory_reserve_bytes, settings.disk_reserve_bytes, settings.max_queued
         )

@@ -9,6 +9,7 @@ import weakref
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pytest
 from conftest import OCR_ENTRIES, encode, predict
 
@@ -290,3 +291,109 @@ def test_load_ahead_is_one_load_per_model_and_none_once_loaded():
     finally:
         release.set()
         reg.close()
+
+
+class DecodeWatcher(Model):
+    """A model whose load waits (up to 5 s) for its request's photo to be decoded, and records whether it was."""
+
+    task, type = "clip", "visual"
+    seen: ClassVar[dict] = {}
+
+    def load(self) -> None:
+        seen = DecodeWatcher.seen
+        seen["decoded_while_loading"] = seen["decoded"].wait(timeout=seen.get("wait", 5))
+        self.session = FakeSession()
+
+    def predict(self, payload, options):
+        return payload.pil(224).size
+
+
+def _image_request(reg: ModelRegistry, may_reduce: bool, second: bool = False):
+    from PIL import Image
+
+    from immich_aio.imaging import PixelBudget
+    from immich_aio.jobs import Job
+    from immich_aio.payload import Payload
+    from immich_aio.pipeline import Engine, _run_entries
+    from immich_aio.protocol import Entry
+    from immich_aio.tasks import ModelType, Task
+
+    asked: list[int | None] = []
+
+    def decoder(min_side):
+        asked.append(min_side)
+        DecodeWatcher.seen["decoded"].set()
+        return Image.new("RGB", (640, 480)), lambda: None
+
+    entries = [Entry(Task("clip"), ModelType("visual"), "ViT-B-32__openai")]
+    specs = [ModelSpec("clip", "visual", "ViT-B-32__openai", lambda: DecodeWatcher("ViT-B-32__openai", {}, None))]
+    if second:  # a second model to load: both cores are taken by the two loads
+        entries.append(Entry(Task("ocr"), ModelType("detection"), "PP-OCRv5_mobile"))
+        specs.append(spec("PP-OCRv5_mobile"))
+    payload = Payload(Job(), size=(480, 640), decoder=decoder, may_reduce=may_reduce)
+    engine = Engine(reg, PixelBudget(1 << 24, 1.0), 1 << 24)
+    return _run_entries(engine, entries, specs, payload), asked
+
+
+def test_a_first_request_decodes_its_photo_while_its_model_loads():
+    """Issue 19: the decode (12-21 ms of a first request) no longer waits behind the model's load."""
+    DecodeWatcher.seen = {"decoded": threading.Event()}
+    reg = ModelRegistry({}, 300)
+    try:
+        result, asked = _image_request(reg, may_reduce=False)
+        assert DecodeWatcher.seen["decoded_while_loading"] is True
+        assert asked == [None] and result.body["clip"] == (640, 480)  # decoded once, at full size
+        assert reg._ahead == {}
+        DecodeWatcher.seen = {"decoded": threading.Event()}  # loaded now: nothing to load ahead of the decode
+        _result, asked = _image_request(reg, may_reduce=False)
+        assert asked == [None] and "decoded_while_loading" not in DecodeWatcher.seen
+    finally:
+        reg.close()
+
+
+def test_a_reduced_decode_waits_for_the_model_that_knows_its_size():
+    DecodeWatcher.seen = {"decoded": threading.Event()}
+    reg = ModelRegistry({}, 300)
+    try:
+        DecodeWatcher.seen["decoded"].set()  # the load does not wait here
+        _result, asked = _image_request(reg, may_reduce=True)
+    finally:
+        reg.close()
+    assert asked == [224]  # the model's own size, not a full decode done ahead
+
+
+def test_a_request_loading_two_models_leaves_its_decode_to_its_first_model():
+    DecodeWatcher.seen = {"decoded": threading.Event(), "wait": 0.3}
+    reg = ModelRegistry({}, 300)
+    try:
+        _result, asked = _image_request(reg, may_reduce=False, second=True)
+    finally:
+        reg.close()
+    assert DecodeWatcher.seen["decoded_while_loading"] is False and asked == [None]
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+def test_a_clip_request_may_decode_reduced_only_where_that_is_allowed(monkeypatch, reduced):
+    """With IMMICH_AIO_CLIP_REDUCED_DECODE off (the default) a CLIP-only request's decode is a full one, known
+    before its model loads, so it can be done while the model loads; on, the model picks the size."""
+    from immich_aio import pipeline
+    from immich_aio.imaging import PixelBudget
+    from immich_aio.jobs import Job
+    from immich_aio.protocol import Entry
+    from immich_aio.tasks import ModelType, Task
+
+    seen = []
+    monkeypatch.setattr(pipeline, "resolve", lambda engine, entries: [spec()])
+
+    def entries_run(_engine, _entries, _specs, payload):
+        seen.append((payload.may_reduce, payload.full_decode_pending))
+
+    monkeypatch.setattr(pipeline, "_run_entries", entries_run)
+    reg = ModelRegistry({}, 300)
+    try:
+        engine = pipeline.Engine(reg, PixelBudget(1 << 24, 1.0), 1 << 24, clip_reduced_decode=reduced)
+        entries = [Entry(Task("clip"), ModelType("visual"), "ViT-B-32__openai")]
+        pipeline.run(engine, Job(), entries, encode(np.zeros((64, 64, 3), np.uint8)), None)
+    finally:
+        reg.close()
+    assert seen == [(reduced, not reduced)]
