@@ -132,9 +132,9 @@ def _run_entries(engine: Engine, entries: list[Entry], specs: list[ModelSpec], p
         payload.last_image_user = index == last_image_entry
         try:
             loading = ahead.pop(spec.key, None)
-            if loading is not None and index == 0:
-                payload.decode()
             if loading is not None:
+                if index == 0:
+                    payload.decode()
                 with contextlib.suppress(CancelledError):  # the server is stopping: use() loads it if it can
                     loading.result()  # its load error, raised here once rather than tried again by use()
             with engine.registry.use(spec) as model:

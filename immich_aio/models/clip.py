@@ -23,7 +23,6 @@ from immich_aio.jobs import Job
 from immich_aio.models.base import Model
 from immich_aio.payload import Payload
 from immich_aio.protocol import vector_string
-from immich_aio.sessions import SessionFactory
 from immich_aio.tasks import CLIP, TEXTUAL, VISUAL
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -98,17 +97,6 @@ class ClipTower(Model):
 
     task = CLIP
 
-    def __init__(
-        self,
-        name: str,
-        files: dict[str, Path],
-        factory: SessionFactory,
-        *,
-        reduced_decode: bool = False,
-    ) -> None:
-        super().__init__(name, files, factory)
-        self.reduced_decode = reduced_decode  # IMMICH_AIO_CLIP_REDUCED_DECODE
-
     def open_session(self, path: Path, embed_dim: int | None) -> None:
         self.session = self.factory.create(path)
         inputs = self.session.get_inputs()
@@ -144,14 +132,16 @@ class ClipTower(Model):
     def _feeds(self, items: Sequence[tuple[np.ndarray, ...]]) -> dict[str, np.ndarray]:
         return {name: np.stack([item[i] for item in items]) for i, name in enumerate(self.input_names)}
 
-    def decode_side(self, image_size: int) -> int | None:
-        """The shorter side a reduced JPEG decode must keep (IMMICH_AIO_CLIP_REDUCED_DECODE), or None.
+    @staticmethod
+    def decode_side(image_size: int) -> int:
+        """The shorter side a reduced JPEG decode must keep, where one is allowed (IMMICH_AIO_CLIP_REDUCED_DECODE:
+        the pipeline marks the payload, which decodes in full otherwise).
 
         Twice the model's input: the bicubic resize after it still averages at least 2×2 decoded pixels per
         input pixel. Off by default, because the vectors are then close to, not identical with, a full
         decode's (Immich ML's, the official services').
         """
-        return 2 * image_size if self.reduced_decode else None
+        return 2 * image_size
 
     def image_for(self, payload: Payload, options: dict[str, Any], image_size: int) -> Image.Image:
         """The RGB image, or (option `swapRB`) with red and blue swapped, as some MT Photos images embedded."""

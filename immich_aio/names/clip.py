@@ -68,11 +68,9 @@ class ClipResolver(Resolver):
         factory: SessionFactory,
         aliases: dict[str, str],
         fetch_clip: str = "chinese",
-        reduced_decode: bool = False,
     ) -> None:
         self.store = store
         self.factory = factory
-        self.reduced_decode = reduced_decode  # IMMICH_AIO_CLIP_REDUCED_DECODE, for the image towers
         self._installed: tuple[tuple, dict[str, Installed]] | None = None  # (store key, listing)
         self.explicit = {clean_name(k): clean_name(v) for k, v in aliases.items()}
         self.fetch_clip = fetch_clip  # what a name with no model gets on first use (names/fetchable.py)
@@ -230,12 +228,11 @@ class ClipResolver(Resolver):
             cls = ImmichClipVisual if type_ == VISUAL else ImmichClipTextual
         else:
             cls = CnClipVisual if type_ == VISUAL else CnClipTextual
-        reduced = self.reduced_decode
         return ModelSpec(
             CLIP,
             type_,
             served,
-            lambda: cls(served, files, self.factory, reduced_decode=reduced),
+            lambda: cls(served, files, self.factory),
             name,
             watch=self._watch(served, kind),
         )
