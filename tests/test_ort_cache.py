@@ -65,8 +65,10 @@ def test_the_saved_graph_is_opened_next_time_and_answers_the_same(tmp_path, mode
         ort_cache.GRAPH,
         ort_cache.WEIGHTS,
         ort_cache.READ_ORDER,
+        ort_cache.REWRITES,
         ort_cache.ABOUT,
     }
+    assert json.loads((entry / ort_cache.REWRITES).read_text()) == {"folded": 0, "why": "nothing to fold"}
     assert (entry / ort_cache.WEIGHTS).stat().st_size > 100_000  # the weights live outside the graph file
     assert first._model_path == str(model)  # the first load optimises the model's own file, and writes nothing
     again = factory(store).create(model)
@@ -264,7 +266,12 @@ def test_a_checked_packed_copy_is_used_from_the_next_load(tmp_path, model):
     assert f.ort_cache is not None and f.ort_cache.wait_written(180)
     [entry] = entries(store)
     packed = entry / ort_cache.PACKED
-    assert {p.name for p in packed.iterdir()} == {ort_cache.GRAPH, ort_cache.WEIGHTS, ort_cache.READ_ORDER}
+    assert {p.name for p in packed.iterdir()} == {
+        ort_cache.GRAPH,
+        ort_cache.WEIGHTS,
+        ort_cache.READ_ORDER,
+        ort_cache.REWRITES,
+    }
     assert not (entry / ort_cache.NOT_PACKED).exists() and not list(entry.glob(".*.partial"))
     again = packing(store).create(model)
     assert again._model_path == str(packed / ort_cache.GRAPH)
