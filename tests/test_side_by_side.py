@@ -81,3 +81,20 @@ def test_both_servers_first_requests_start_from_the_page_cache_state_named(tmp_p
     real_read = os.read
     monkeypatch.setattr(os, "read", lambda fd, n: (b := real_read(fd, n), read.append(len(b)))[0])
     assert sbs.page_cache(tmp_path, "memory", rest=7) == 3000 and sum(read) == 3000 and not calls
+
+
+def test_a_model_file_rewritten_in_place_or_replaced_is_seen(tmp_path):
+    """Immich ML rewrites a face recogniser in place on its first load: the run must not measure across that."""
+    model = tmp_path / "facial-recognition" / "buffalo_l" / "recognition" / "model.onnx"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"x" * 100)
+    cached = tmp_path / ".ort-cache" / "a" / "b" / "model.onnx"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"y")
+    before = sbs.model_files(tmp_path)
+    assert list(before) == [model]  # the optimised copies are the server's own, not the shared files
+    cached.write_bytes(b"yy")
+    assert sbs.model_files(tmp_path) == before
+    time.sleep(0.01)
+    model.write_bytes(b"z" * 100)  # same size, rewritten
+    assert sbs.model_files(tmp_path) != before
