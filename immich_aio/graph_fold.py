@@ -46,7 +46,10 @@ def fold_affine(model: onnx.ModelProto) -> int:
 class _Folder:
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
-        self.init = {t.name: t for t in graph.initializer}
+        # An initializer that is also a graph input is only a default: a caller may feed another value, so it is
+        # not a constant to fold (ONNX Runtime's own constant folding leaves those too).
+        fed = {i.name for i in graph.input}
+        self.init = {t.name: t for t in graph.initializer if t.name not in fed}
         self.outputs = {o.name for o in graph.output}
         self.names = {t.name for t in graph.initializer} | {x for n in graph.node for x in (*n.input, *n.output)}
         self.made = 0

@@ -133,6 +133,25 @@ def test_shared_weights_are_not_changed_for_their_other_users():
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
 
 
+def test_an_initializer_that_is_also_an_input_is_not_a_constant():
+    """ONNX lets a caller override such an initializer at run time: folded, the override would be lost."""
+    model = lcnet_like()
+    model.graph.input.append(helper.make_tensor_value_info("s1", TensorProto.FLOAT, [1]))
+    model.graph.input.append(helper.make_tensor_value_info("w2", TensorProto.FLOAT, [8, 8, 1, 1]))
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    assert fold_affine(model) == 0  # c1 is followed by the fed s1, c2 reads the fed w2, c3 is padded
+    x = RNG.standard_normal((1, 3, 9, 9)).astype(np.float32)
+    feeds = {"x": x, "s1": np.array([0.25], np.float32), "w2": RNG.standard_normal((8, 8, 1, 1)).astype(np.float32)}
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want, got = (
+        ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        for m in (original, model)
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_non_constant_or_non_broadcastable_operands_are_left():
     """A Mul by another computed value, or by a constant that varies along the image, is not a convolution's."""
     nodes = [
