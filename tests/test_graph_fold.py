@@ -29,6 +29,17 @@ def conv(name: str, x: str, w: str, b: str | None, out: str, pad: int) -> onnx.N
     return helper.make_node("Conv", inputs, [out], name=name, pads=[pad] * 4)
 
 
+def model_of(nodes: list, inputs: dict[str, list], outputs: list[str], inits: list) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs.items()],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
+
+
 def lcnet_like(extra_output: str | None = None) -> onnx.ModelProto:
     """PP-LCNet's pattern: conv → identity → scale (constant first) → shift (per channel) → activation → scale →
     shift → 1×1 conv (foldable both ways) → activation → scale → shift → padded 3×3 conv (only forward)."""
@@ -118,14 +129,12 @@ def test_shared_weights_are_not_changed_for_their_other_users():
         helper.make_node("Mul", ["ya", "s"], ["out_a"]),
         conv("b", "x", "w", None, "out_b", 0),
     ]
-    graph = helper.make_graph(
+    model = model_of(
         nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("out_a", "out_b")],
+        {"x": [1, 2, 5, 5]},
+        ["out_a", "out_b"],
         [const("w", RNG.standard_normal((4, 2, 1, 1))), const("s", [3.0])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
     x = RNG.standard_normal((1, 2, 5, 5)).astype(np.float32)
     want = run(model, x)
     assert fold_affine(model) == 1
@@ -160,18 +169,16 @@ def test_non_constant_or_non_broadcastable_operands_are_left():
         conv("b", "m", "w2", None, "z", 0),
         helper.make_node("Add", ["z", "plane"], ["out"]),
     ]
-    graph = helper.make_graph(
+    model = model_of(
         nodes,
-        "g",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 4, 4]) for n in ("x", "x2")],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        {"x": [1, 2, 4, 4], "x2": [1, 2, 4, 4]},
+        ["out"],
         [
             const("w", RNG.standard_normal((2, 2, 1, 1))),
             const("w2", RNG.standard_normal((2, 2, 1, 1))),
             const("plane", RNG.standard_normal((1, 1, 4, 4))),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
     assert fold_affine(model) == 0
     assert ops(model) == Counter({"Conv": 2, "Mul": 1, "Add": 1})
 
@@ -190,11 +197,10 @@ def test_the_tail_of_a_gelu_is_left_to_onnx_runtime():
         helper.make_node("Mul", ["r", "half"], ["rs"]),
         conv("b", "rs", "w", None, "out", 0),
     ]
-    graph = helper.make_graph(
+    model = model_of(
         nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        {"x": [1, 2, 4, 4]},
+        ["out"],
         [
             const("sqrt2", [1.4142135]),
             const("one", [1.0]),
@@ -202,7 +208,6 @@ def test_the_tail_of_a_gelu_is_left_to_onnx_runtime():
             const("w", RNG.standard_normal((2, 2, 1, 1))),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
     assert fold_affine(model) == 1
     assert [n.op_type for n in model.graph.node] == ["Div", "Erf", "Add", "Mul", "Mul", "Conv", "Relu", "Conv"]
 
