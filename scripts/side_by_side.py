@@ -261,14 +261,12 @@ def first_start(server: Server, images: list[bytes], store: Path, rest: float = 
     return cold_only(server, images)
 
 
-def model_files(store: Path) -> dict[Path, tuple[int, int, int]]:
-    """Each model file's identity (inode, size, modification time): a file rewritten in place or replaced shows."""
-    out = {}
-    for path in store.rglob("*.onnx"):
-        if ".ort-cache" not in path.relative_to(store).parts:
-            st = path.stat()
-            out[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
-    return out
+def model_files(store: Path) -> dict[Path, object]:
+    """Each model file's identity as the server's registry watches it (immich_aio.store.file_identity: device,
+    inode, size, modification time): a file rewritten in place or replaced shows."""
+    from immich_aio.store import file_identity
+
+    return {p: file_identity(p) for p in store.rglob("*.onnx") if ".ort-cache" not in p.relative_to(store).parts}
 
 
 def unsettled(store: Path) -> list[Path]:
