@@ -137,12 +137,11 @@ def folded(source: Path) -> tuple[bytes | None, dict[str, object]]:
         model = onnx.load(str(source), load_external_data=False)
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
             return None, {"folded": 0, "why": "weights in external files"}
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
         count = fold_affine(model)
         if count == 0:
             return None, {"folded": 0, "why": "nothing to fold"}
         data = model.SerializeToString()
+        probe = onnx.load(str(source), load_external_data=False)  # the source again, only for a graph that folded
         computed = {name for node in probe.graph.node for name in node.output}
         ends = {o.name for o in probe.graph.output}
         inner = [n.output[0] for n in model.graph.node if n.op_type == "Conv" and n.output[0] in computed - ends]
