@@ -39,8 +39,9 @@ def fold_affine(model: onnx.ModelProto) -> int:
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return 0  # a subgraph may read any outer name: renaming values under it is not worth the risk
-    _Folder(graph).drop_identities()
-    return _Folder(graph).run()
+    folder = _Folder(graph)
+    folder.drop_identities()
+    return folder.run()
 
 
 class _Folder:
