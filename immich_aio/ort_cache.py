@@ -63,7 +63,7 @@ ABOUT = "source.json"
 PACKED = "packed"  # an entry's folder of the same graph with packed weights, made and checked by ort_pack.py
 NOT_PACKED = "not-packed"  # an entry's note of why its packed copy was refused: it is not tried again
 PACK_TIMEOUT_S = 900
-PACKER = (sys.executable, "-m", "immich_aio.ort_pack")  # run with entry|pack SOURCE FOLDER
+PACKER = (sys.executable, "-m", "immich_aio.ort_pack")  # run with entry SOURCE FOLDER | pack SOURCE FOLDER ENTRY
 DISK_MARGIN = 256 << 20  # bytes left free on the store's disk after saving an optimised copy
 READ_AHEAD_PIECE = 4 << 20  # bytes asked for at a time, in read order
 MAX_READ_ORDER = 100_000  # ranges: a read order longer than this is not one ort_pack.py wrote
@@ -255,7 +255,7 @@ class OrtCache:
             if self._closed:
                 return "stopped"
             child = subprocess.Popen(
-                [*PACKER, mode, str(source), str(folder)],
+                [*PACKER, mode, str(source), str(folder), *([str(entry)] if mode == "pack" else [])],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

@@ -17,9 +17,10 @@ them, which the server asks the kernel for ahead of a load (ort_cache.read_ahead
 Both start from the source graph with its constant scales and shifts folded into its convolutions (graph_fold.py;
 PP-OCR's detectors and recognisers run in about 0.8 of their time), but only after this child has run the folded
 graph beside the source's on the same inputs and found them equal; otherwise from the source as it is. What was done
-is written to `REWRITES`.
+is written to `REWRITES`; `pack` reads the entry's and folds only when the entry's child did, so that both copies
+hold one graph and a model with nothing to fold (every model that is packed, so far) is not read twice.
 
-Usage: python -m immich_aio.ort_pack entry|pack SOURCE FOLDER
+Usage: python -m immich_aio.ort_pack entry SOURCE FOLDER | pack SOURCE FOLDER ENTRY
 """
 
 from __future__ import annotations
@@ -196,9 +197,24 @@ def agree(want: np.ndarray, got: np.ndarray, unoptimised: np.ndarray | None = No
     return float(np.abs(want64 - got[finite]).max()) <= max(1e-4 * float(np.abs(want64).max()), 4 * noise)
 
 
+def entry_said(entry: Path) -> dict[str, object] | None:
+    """What the entry's child did to the graph (`REWRITES`), if it says so readably."""
+    try:
+        said = json.loads((entry / REWRITES).read_text())
+    except (OSError, ValueError):
+        return None
+    return said if isinstance(said, dict) and isinstance(said.get("folded"), int) else None
+
+
 def main(argv: list[str]) -> int:
     mode, source, folder = argv[0], Path(argv[1]), Path(argv[2])
-    rewritten, rewrites = folded(source)
+    said = entry_said(Path(argv[3])) if mode == "pack" and len(argv) > 3 else None
+    if said is not None and said["folded"] == 0:
+        # the entry's child found nothing to fold (or no fold it could use): the packed copy is made from the same
+        # graph without reading and checking it again (a ViT-B/16's 344 MB, the packed models being such towers)
+        rewritten, rewrites = None, said
+    else:  # a folded entry: its packed copy must be the same folded graph, checked again here
+        rewritten, rewrites = folded(source)
     saving_opts = saving(options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL), folder, packed=mode == "pack")
     model = rewritten if rewritten is not None else str(source)
     reference = ort.InferenceSession(model, saving_opts, providers=["CPUExecutionProvider"])  # saves it

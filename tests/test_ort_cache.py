@@ -281,18 +281,18 @@ def test_a_checked_packed_copy_is_used_from_the_next_load(tmp_path, model):
     assert packing(store).ort_cache.wait_written(0)  # nothing more to do for it: no second child
 
 
-def _fake_packer(monkeypatch, code: str) -> list[int]:
-    """Replace the packing child with `code` (argv: pack SOURCE FOLDER; the optimised copy is still made by the
-    real one); returns one item per packing child started."""
+def _fake_packer(monkeypatch, code: str) -> list[list[str]]:
+    """Replace the packing child with `code` (argv: pack SOURCE FOLDER ENTRY; the optimised copy is still made by
+    the real one); returns the arguments of each packing child started."""
     import subprocess
     import sys
 
-    started: list[int] = []
+    started: list[list[str]] = []
     real = subprocess.Popen
 
     def popen(args, **kw):
         if args[len(ort_cache.PACKER)] == "pack":
-            started.append(1)
+            started.append(list(args[len(ort_cache.PACKER) :]))
         return real(args, **kw)
 
     real_child = "runpy.run_module('immich_aio.ort_pack', run_name='__main__')"
@@ -329,6 +329,7 @@ def test_a_packed_copy_that_crashed_or_disagreed_is_never_used_nor_tried_again(t
     assert session._model_path == str(entry / ort_cache.GRAPH)
     assert again.ort_cache.wait_written(60)
     assert len(started) == 1  # the verdict stands: no second child for the same entry
+    assert started[0][-1] == str(entry)  # whose REWRITES says which graph to pack (ort_pack.entry_said)
     np.testing.assert_allclose(run(session), plain(model), rtol=1e-4, atol=1e-5)
 
 
@@ -371,11 +372,11 @@ def test_packing_stops_with_the_server(tmp_path, model, monkeypatch):
     f.create(model)
     assert f.ort_cache is not None
     conftest_wait = __import__("conftest").wait_for
-    conftest_wait(lambda: started == [1], "the packing child started", seconds=60)
+    conftest_wait(lambda: len(started) == 1, "the packing child started", seconds=60)
     f.ort_cache.close()
     assert f.ort_cache.wait_written(30)
     [entry] = entries(tmp_path / "store")
-    assert started == [1]
+    assert len(started) == 1
     assert not (entry / ort_cache.NOT_PACKED).exists() and not list(entry.glob(".*.partial"))
     assert not (entry / ort_cache.PACKED).exists()
 
@@ -438,7 +439,7 @@ def test_packing_waits_until_the_server_is_quiet(tmp_path, model, monkeypatch):
     assert entries(store) == [] and not list((store / ort_cache.FOLDER).rglob("*.partial"))
     settled.set()
     assert f.ort_cache.wait_written(60)
-    assert started == [1, 1]
+    assert len(started) == 2
     assert log.read_text().split() == ["start", "end", "start", "end"]  # one after the other
 
 
