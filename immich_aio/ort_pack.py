@@ -211,7 +211,7 @@ def main(argv: list[str]) -> int:
     said = entry_said(Path(argv[3])) if mode == "pack" and len(argv) > 3 else None
     if said is not None and said["folded"] == 0:
         # the entry's child found nothing to fold (or no fold it could use): the packed copy is made from the same
-        # graph without reading and checking it again (a ViT-B/16's 344 MB, the packed models being such towers)
+        # graph without parsing and checking it again (a face recogniser: 0.8 s and 330 MB of this child's memory)
         rewritten, rewrites = None, said
     else:  # a folded entry: its packed copy must be the same folded graph, checked again here
         rewritten, rewrites = folded(source)
