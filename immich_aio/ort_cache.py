@@ -52,7 +52,7 @@ from typing import Any
 import onnxruntime as ort
 
 from immich_aio import ort_pack
-from immich_aio.ort_pack import GRAPH, READ_ORDER, REWRITES, WEIGHTS
+from immich_aio.ort_pack import GRAPH, READ_ORDER, WEIGHTS
 from immich_aio.store import file_identity, per_file_folder, sweep_per_file
 
 log = logging.getLogger(__name__)
@@ -379,13 +379,10 @@ def _read_order(saved: Path, size: int) -> list[tuple[int, int]]:
 
 def _rewrites(entry: Path) -> str:
     """What ort_pack.py said it did to the graph, for the log: a note, or nothing."""
-    try:
-        said = json.loads((entry / REWRITES).read_text())
-    except (OSError, ValueError):
+    said = ort_pack.entry_said(entry)
+    if said is None:
         return ""
-    if not isinstance(said, dict):
-        return ""
-    if isinstance(folded := said.get("folded"), int) and folded > 0:
+    if isinstance(folded := said["folded"], int) and folded > 0:
         return f" ({folded} constant scales and shifts folded into its convolutions)"
     why = said.get("why")
     return f" (not folded: {why})" if isinstance(why, str) and why != "nothing to fold" else ""

@@ -374,3 +374,22 @@ def test_the_packed_copy_is_made_from_the_graph_the_entry_holds(tmp_path, monkey
     assert said["folded"] == 0  # nothing here folds
     if not checked:
         assert said == json.loads(entry_says)
+
+
+@pytest.mark.parametrize(
+    ("written", "logged"),
+    [
+        ('{"folded": 128}', " (128 constant scales and shifts folded into its convolutions)"),
+        ('{"folded": 0, "why": "too large to fold in memory"}', " (not folded: too large to fold in memory)"),
+        ('{"folded": 0, "why": "nothing to fold"}', ""),  # most models: nothing worth saying
+        ('{"folded": "128"}', ""),  # not what ort_pack.py writes
+        ("[]", ""),
+        (None, ""),
+    ],
+)
+def test_the_saved_copys_log_line_says_what_was_folded(tmp_path, written, logged):
+    from immich_aio.ort_cache import _rewrites
+
+    if written is not None:
+        (tmp_path / ort_pack.REWRITES).write_text(written)
+    assert _rewrites(tmp_path) == logged

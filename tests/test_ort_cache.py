@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from face_models import make_arcface
 
-from immich_aio import ort_cache
+from immich_aio import ort_cache, ort_pack
 from immich_aio.config import Settings
 from immich_aio.sessions import SessionFactory
 
@@ -65,10 +65,10 @@ def test_the_saved_graph_is_opened_next_time_and_answers_the_same(tmp_path, mode
         ort_cache.GRAPH,
         ort_cache.WEIGHTS,
         ort_cache.READ_ORDER,
-        ort_cache.REWRITES,
+        ort_pack.REWRITES,
         ort_cache.ABOUT,
     }
-    assert json.loads((entry / ort_cache.REWRITES).read_text()) == {"folded": 0, "why": "nothing to fold"}
+    assert json.loads((entry / ort_pack.REWRITES).read_text()) == {"folded": 0, "why": "nothing to fold"}
     assert (entry / ort_cache.WEIGHTS).stat().st_size > 100_000  # the weights live outside the graph file
     assert first._model_path == str(model)  # the first load optimises the model's own file, and writes nothing
     again = factory(store).create(model)
@@ -270,7 +270,7 @@ def test_a_checked_packed_copy_is_used_from_the_next_load(tmp_path, model):
         ort_cache.GRAPH,
         ort_cache.WEIGHTS,
         ort_cache.READ_ORDER,
-        ort_cache.REWRITES,
+        ort_pack.REWRITES,
     }
     assert not (entry / ort_cache.NOT_PACKED).exists() and not list(entry.glob(".*.partial"))
     again = packing(store).create(model)
