@@ -22,7 +22,7 @@ from starlette.responses import Response
 
 from immich_aio import pipeline
 from immich_aio.config import Settings
-from immich_aio.errors import ClientGone, ModelMissing, PredictError
+from immich_aio.errors import ClientGone, ModelMissing, PredictError, shown
 from immich_aio.http_form import ReadLimits
 from immich_aio.imaging import ImageSource
 from immich_aio.jobs import Job
@@ -150,7 +150,7 @@ async def _unless_client_leaves(request: Request, job: Job, awaitable: Awaitable
 def refusal(request: Request, error: PredictError, endpoint: str, note: str = "") -> Response | None:
     """Log a refused request once (WARNING for 4xx, ERROR for 5xx) and build its JSON body."""
     context = " ".join(
-        f"{k}={v!r}"
+        f"{k}={shown(v)!r}"
         for k, v in (
             ("task", error.task),
             ("type", error.type),

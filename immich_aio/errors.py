@@ -7,6 +7,12 @@ it is known, so the one log line written for every refusal says what an operator
 from __future__ import annotations
 
 
+def shown(text: str, limit: int = 80) -> str:
+    """A client's string as a message or a log line may quote it: whole if short, else its start and its length
+    (a name can be as long as the form allows; the log would otherwise grow by that much per request)."""
+    return text if len(text) <= limit else text[: limit - 20] + f"... ({len(text)} characters)"
+
+
 class PredictError(Exception):
     """A request that cannot be answered; `detail` says what was wrong and what is accepted."""
 

@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
-from immich_aio.errors import BadRequest, ClientGone, PayloadTooLarge, RequestTimeout
+from immich_aio.errors import BadRequest, ClientGone, PayloadTooLarge, RequestTimeout, shown
 
 FIELD_SLACK = 1024 * 1024  # room for `entries`, `text` and multipart headers beside the image
 
@@ -81,7 +81,9 @@ async def read_form(request: Request, limits: ReadLimits, endpoint: str = "/pred
         elif content_type.startswith("application/x-www-form-urlencoded"):
             parsed = await FormParser(request.headers, stream, max_fields=16).parse()
         else:
-            raise BadRequest(f"{endpoint} expects multipart/form-data; got content type {content_type or 'none'!r}")
+            raise BadRequest(
+                f"{endpoint} expects multipart/form-data; got content type {shown(content_type or 'none')!r}"
+            )
     except MultiPartException as e:
         raise BadRequest(f"Malformed multipart body: {e.message}") from e
     finally:

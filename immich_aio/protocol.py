@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from immich_aio.errors import BadRequest, InvalidEntries
+from immich_aio.errors import BadRequest, InvalidEntries, shown
 from immich_aio.tasks import CLIP, DETECTION, FACES, OCR, RECOGNITION, TASK_TYPES, TEXTUAL, VISUAL, ModelType, Task
 
 # A recognition entry consumes its task's detection output.
@@ -53,14 +53,14 @@ def entries_from(data: dict[str, Any]) -> list[Entry]:
     entries: list[Entry] = []
     for name, types in data.items():
         if name not in TASK_TYPES:
-            raise BadRequest(f"Unknown task {name!r}; known tasks: {', '.join(TASK_TYPES)}")
+            raise BadRequest(f"Unknown task {shown(name)!r}; known tasks: {', '.join(TASK_TYPES)}")
         task = Task(name)
         if not isinstance(types, dict) or not types:
             raise InvalidEntries(f'entries["{task}"] must be a non-empty object {{type: {{"modelName": ...}}}}')
         for type_, spec in types.items():
             if type_ not in TASK_TYPES[task]:
                 raise BadRequest(
-                    f"Unknown type {type_!r} for task {name!r}; known types: {', '.join(TASK_TYPES[task])}"
+                    f"Unknown type {shown(type_)!r} for task {name!r}; known types: {', '.join(TASK_TYPES[task])}"
                 )
             if not isinstance(spec, dict):
                 raise InvalidEntries(f'entries["{task}"]["{type_}"] must be an object with "modelName"')
@@ -110,7 +110,7 @@ def option_float(options: dict[str, Any], key: str, default: float, lo: float, h
     """A numeric option in [lo, hi]; anything else is a 400 that names the range."""
     value = options.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= float(value) <= hi:
-        raise BadRequest(f"option {key!r} must be a number between {lo} and {hi}, got {value!r}")
+        raise BadRequest(f"option {key!r} must be a number between {lo} and {hi}, got {shown(repr(value))}")
     return float(value)
 
 

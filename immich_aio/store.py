@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from immich_aio.errors import BadRequest
+from immich_aio.errors import BadRequest, shown
 from immich_aio.tasks import ModelType, Task
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,8 @@ def clean_name(name: str) -> str:
     """Clean a model name exactly as Immich ML does: last `/` segment, `:` and `\\` to `_`, no dots."""
     cleaned = name.split("/")[-1].replace(":", "_").replace("\\", "_").replace(".", "")
     if len(cleaned) > MAX_NAME or not _SAFE_NAME.fullmatch(cleaned):
-        shown = name if len(name) <= 80 else name[:60] + f"... ({len(name)} characters)"
         raise BadRequest(
-            f"Model name {shown!r} is not a valid model name "
+            f"Model name {shown(name)!r} is not a valid model name "
             "(letters, digits, '_', '-', '+'; an optional 'org/' prefix)"
         )
     return cleaned

@@ -104,11 +104,45 @@ def test_client_chosen_names_do_not_grow_server_state(client):
         assert m["answersTo"] == ["PP-OCRv5_mobile"]
 
 
-def test_long_name_is_refused_without_echoing_it_whole(client):
+def test_long_name_is_refused_without_echoing_it_whole(client, caplog):
+    """Neither in the answer nor in the refusal's log line: a client could otherwise grow the log by the form's size
+    per request."""
     name = "a" * 100_000
     entries = {"ocr": {"detection": {"modelName": name}, "recognition": {"modelName": name}}}
-    r = predict(client, entries, image=PHOTO)
+    with caplog.at_level(logging.INFO):
+        r = predict(client, entries, image=PHOTO)
     assert r.status_code == 400 and len(r.content) < 1000
+    refusals = [rec.getMessage() for rec in caplog.records if "-> 400" in rec.getMessage()]
+    assert refusals and all(len(line) < 1000 and "(100000 characters)" in line for line in refusals)
+
+
+LONG = "t" * 100_000
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        {LONG: {"detection": {"modelName": "PP-OCRv5_mobile"}}},  # a task
+        {"ocr": {LONG: {"modelName": "PP-OCRv5_mobile"}}},  # a type
+        {"ocr": {"detection": {"modelName": "PP-OCRv5_mobile"}, LONG: {"modelName": "PP-OCRv5_mobile"}}},
+    ],
+)
+def test_unknown_long_task_and_type_names_are_not_echoed_whole(client, caplog, entries):
+    """Found attacking the log: an unknown task or type name came back whole in the answer and the refusal's line."""
+    with caplog.at_level(logging.INFO):
+        r = predict(client, entries, image=PHOTO)
+    assert r.status_code == 400 and len(r.content) < 1000 and "(100000 characters)" in r.json()["detail"]
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert lines and max(len(line) for line in lines) < 1000
+
+
+def test_an_option_of_any_size_is_refused_in_a_line():
+    from immich_aio.errors import BadRequest
+    from immich_aio.protocol import option_float
+
+    with pytest.raises(BadRequest) as e:
+        option_float({"minScore": LONG}, "minScore", 0.7, 0.0, 1.0)
+    assert len(e.value.detail) < 200 and "characters)" in e.value.detail
 
 
 # --- class 3: working sizes and decoded pixels ----------------------------------------------------

@@ -39,6 +39,7 @@ from immich_aio.errors import (
     PredictError,
     Unauthorized,
     UndecodableImage,
+    shown,
 )
 from immich_aio.http_form import FIELD_SLACK, read_form
 from immich_aio.imaging import probe
@@ -179,7 +180,7 @@ async def _json_text(request: Request) -> str:
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise _invalid(
-            f"/clip/txt expects a JSON body, got content type {content_type!r}",
+            f"/clip/txt expects a JSON body, got content type {shown(content_type)!r}",
             "model_attributes_type",
             ["body"],
             "Input should be a valid JSON object",
