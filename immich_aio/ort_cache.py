@@ -51,7 +51,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from immich_aio import ort_pack
+from immich_aio import mapped_load, ort_pack
 from immich_aio.ort_pack import GRAPH, READ_ORDER, WEIGHTS
 from immich_aio.store import file_identity, per_file_folder, sweep_per_file
 
@@ -419,6 +419,9 @@ def _child_env() -> dict[str, str]:
 def plain_session(
     source: Path, options: Callable[[], ort.SessionOptions], providers: Sequence[Any]
 ) -> ort.InferenceSession:
-    """The session from the model's own file, as without the cache (and where there is none), read ahead whole."""
+    """The session from the model's own file, as without the cache (and where there is none), read ahead whole;
+    on the CPU with its large weights packed from the file where they lie (mapped_load.py), not copied first."""
     read_ahead_file(source)
-    return ort.InferenceSession(str(source), sess_options=options(), providers=providers)
+    return mapped_load.session(source, options, providers) or ort.InferenceSession(
+        str(source), sess_options=options(), providers=providers
+    )

@@ -37,8 +37,8 @@ LAYERS: list[list[str]] = [
     ["payload", "batching", "config"],
     ["metrics", "imaging", "memory", "access_log", "http_form", "protocol", "names.fetchable", "names.catalog"],
     ["ort_cache", "openvino"],
-    ["ort_pack"],
-    ["store", "models.outputs", "jobs", "graph_fold"],
+    ["ort_pack", "mapped_load"],
+    ["store", "models.outputs", "jobs", "graph_fold", "onnx_walk"],
     ["errors", "tasks"],
     ["__init__", "adapters", "download", "models", "names"],
 ]

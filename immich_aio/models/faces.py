@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import mmap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 from immich_aio.jobs import Job
 from immich_aio.models.base import Model
 from immich_aio.models.outputs import DetectedFaces, RecognisedFaces
+from immich_aio.onnx_walk import messages
 from immich_aio.payload import Payload
 from immich_aio.protocol import option_float, vector_string
 from immich_aio.tasks import DETECTION, FACES, RECOGNITION
@@ -163,39 +163,6 @@ class FaceDetector(Model):
         }
 
 
-def _varint(buf: mmap.mmap, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(buf: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(field number, start, end) of each length-delimited field of the protobuf message in buf[start:end]."""
-    pos = start
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        wire = key & 7
-        if wire == 0:
-            _, pos = _varint(buf, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            if pos + size > end:
-                raise ValueError("truncated protobuf field")
-            yield key >> 3, pos, pos + size
-            pos += size
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire}")
-
-
 def leading_node_names(path: Path, count: int) -> list[str]:
     """The names of an ONNX graph's first nodes, read from the file without parsing its weights.
 
@@ -205,13 +172,13 @@ def leading_node_names(path: Path, count: int) -> list[str]:
     """
     names: list[str] = []
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        for field, start, end in _fields(buf, 0, len(buf)):
+        for field, start, end in messages(buf, 0, len(buf)):
             if field != 7:
                 continue
-            for node_field, n_start, n_end in _fields(buf, start, end):
+            for node_field, n_start, n_end in messages(buf, start, end):
                 if node_field != 1:
                     continue
-                name = next((buf[a:b] for f, a, b in _fields(buf, n_start, n_end) if f == 3), b"")
+                name = next((buf[a:b] for f, a, b in messages(buf, n_start, n_end) if f == 3), b"")
                 names.append(name.decode("utf-8", "replace"))
                 if len(names) == count:
                     return names
