@@ -24,19 +24,20 @@ import mmap
 import os
 import stat
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 
-from immich_aio.onnx_walk import LENGTH_DELIMITED, Buffer, fields, length_field, messages, varint_field
+from immich_aio.onnx_walk import LENGTH_DELIMITED, Buffer, Field, encode_varint, fields, length_field, varint_field
 from immich_aio.store import FileIdentity, file_identity
 
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 MIN_FILE_BYTES = 32 << 20
+MAX_FIELDS = 2_000_000  # fields walked at most (about a second); a larger walk gives up and the usual load runs
 MIN_WEIGHT_BYTES = 4096  # a smaller tensor stays in the graph: a mapping per bias is not worth its page
 FOLDER_KEY = "session.model_external_initializers_file_folder_path"  # where a graph given as bytes finds its data
 # ONNX field numbers: ModelProto.graph; GraphProto.node / initializer; NodeProto.input / op_type / domain;
@@ -55,11 +56,11 @@ def session(
     """The session with the file's packable weights mapped, or None where the usual load is the one to use."""
     if sys.platform != "linux" or any(p != CPU for p in providers):
         return None
-    path = source.resolve()
     try:
+        path = source.resolve()  # ONNX Runtime finds the weights beside the graph only in the file's real folder
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO in the store must not hold a loader thread
-    except OSError:
-        return None  # ONNX Runtime's own load says what is wrong
+    except (OSError, RuntimeError):  # missing, unreadable, a symlink loop: ONNX Runtime's own load says what is wrong
+        return None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size < MIN_FILE_BYTES:
@@ -67,7 +68,7 @@ def session(
         read: FileIdentity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buf:
             graph, mapped = graph_with_mapped_weights(buf, path.name)
-    except (OSError, ValueError, IndexError) as e:  # not a protobuf this walk follows: the usual load decides
+    except (OSError, ValueError, IndexError, BufferError) as e:  # not a protobuf this walk follows: the usual load
         log.debug("%s: loading its weights by copy (%s)", source, e)
         return None
     finally:
@@ -93,69 +94,102 @@ def session(
 
 def graph_with_mapped_weights(buf: Buffer, location: str) -> tuple[bytes, int]:
     """The model's protobuf with each packable weight's bytes replaced by where they lie in the file (`location`,
-    the file's name beside the graph), and how many bytes that is. Every other field is kept as written."""
-    model = bytearray()
+    the file's name beside the graph), and how many bytes that is. Every other field is kept as written, copied
+    once (a text tower's 65 MB word table is not packed, so it stays in the graph)."""
+    walk = _Walk(buf)
+    view = memoryview(buf)
+    pieces: list[bytes | memoryview] = []
+    graph: list[bytes | memoryview] = []
     mapped = 0
-    for f in fields(buf, 0, len(buf)):
-        if f.number != MODEL_GRAPH or f.wire != LENGTH_DELIMITED:
-            model += buf[f.start : f.end]
-            continue
-        packable = _packable_inputs(buf, f.value, f.end)
-        graph = bytearray()
-        for g in fields(buf, f.value, f.end):
-            tensor = _mapped_tensor(buf, g.value, g.end, location, packable) if g.number == GRAPH_INITIALIZER else None
-            if tensor is None:
-                graph += buf[g.start : g.end]
-            else:
-                graph += length_field(GRAPH_INITIALIZER, tensor[0])
-                mapped += tensor[1]
-        model += length_field(MODEL_GRAPH, bytes(graph))
-    return bytes(model), mapped
+    try:
+        for f in walk.fields(0, len(buf)):
+            if f.number != MODEL_GRAPH or f.wire != LENGTH_DELIMITED:
+                pieces.append(view[f.start : f.end])
+                continue
+            packable = _packable_inputs(walk, f.value, f.end)
+            graph.clear()
+            for g in walk.fields(f.value, f.end):
+                tensor = _mapped_tensor(walk, g, location, packable) if g.number == GRAPH_INITIALIZER else None
+                if tensor is None:
+                    graph.append(view[g.start : g.end])
+                else:
+                    graph.append(length_field(GRAPH_INITIALIZER, tensor[0]))
+                    mapped += tensor[1]
+            pieces.append(encode_varint(MODEL_GRAPH << 3 | LENGTH_DELIMITED))
+            pieces.append(encode_varint(sum(len(p) for p in graph)))
+            pieces.extend(graph)
+        return b"".join(pieces), mapped
+    finally:
+        pieces.clear()  # the views into a mapped file go before the file is closed, an error's traceback or not
+        graph.clear()
+        view.release()
 
 
-def _packable_inputs(buf: Buffer, start: int, end: int) -> set[bytes]:
+class _Walk:
+    """The fields of one file, counted: a file with more than any model's graph has is not walked to its end at
+    Python's pace (the ViT-B/16 image tower has about 15,000 in all)."""
+
+    def __init__(self, buf: Buffer, limit: int = 0) -> None:
+        self.buf = buf
+        self.left = limit or MAX_FIELDS
+
+    def fields(self, start: int, end: int) -> Iterator[Field]:
+        for f in fields(self.buf, start, end):
+            self.left -= 1
+            if self.left < 0:
+                raise ValueError(f"more than {MAX_FIELDS} protobuf fields")
+            yield f
+
+    def bytes(self, f: Field) -> bytes:
+        return bytes(self.buf[f.value : f.end])
+
+
+def _packable_inputs(walk: _Walk, start: int, end: int) -> set[bytes]:
     """Names used only as inputs that the CPU kernels pack (in the main graph; a subgraph's use is not seen
     here, and a weight it kept mapped is caught after the build)."""
     packed: set[bytes] = set()
     other: set[bytes] = set()
-    for number, n_start, n_end in messages(buf, start, end):
-        if number != GRAPH_NODE:
+    for node in walk.fields(start, end):
+        if node.number != GRAPH_NODE or node.wire != LENGTH_DELIMITED:
             continue
         inputs: list[bytes] = []
         op = domain = b""
-        for field, a, b in messages(buf, n_start, n_end):
-            if field == NODE_INPUT:
-                inputs.append(bytes(buf[a:b]))
-            elif field == NODE_OP_TYPE:
-                op = bytes(buf[a:b])
-            elif field == NODE_DOMAIN:
-                domain = bytes(buf[a:b])
+        for f in walk.fields(node.value, node.end):
+            if f.wire != LENGTH_DELIMITED:
+                continue
+            if f.number == NODE_INPUT:
+                inputs.append(walk.bytes(f))
+            elif f.number == NODE_OP_TYPE:
+                op = walk.bytes(f)
+            elif f.number == NODE_DOMAIN:
+                domain = walk.bytes(f)
         packs = PACKED_INPUT.get(op) if domain in (b"", b"ai.onnx") else None
         for i, name in enumerate(inputs):
             (packed if i == packs else other).add(name)
     return packed - other
 
 
-def _mapped_tensor(buf: Buffer, start: int, end: int, location: str, packable: set[bytes]) -> tuple[bytes, int] | None:
+def _mapped_tensor(walk: _Walk, tensor: Field, location: str, packable: set[bytes]) -> tuple[bytes, int] | None:
     """The TensorProto with its raw bytes replaced by their place in the file, or None to keep it as written."""
     kept = bytearray()
-    raw: tuple[int, int] | None = None
+    raw: Field | None = None
     name = b""
-    for f in fields(buf, start, end):
+    for f in walk.fields(tensor.value, tensor.end):
         if f.number in (TENSOR_EXTERNAL, TENSOR_LOCATION, TENSOR_SEGMENT):
             return None  # already external, or split in segments: left to ONNX Runtime
         if f.number == TENSOR_RAW and f.wire == LENGTH_DELIMITED:
-            raw = (f.value, f.end - f.value)  # protobuf keeps the last of a repeated field: so does this
+            raw = f  # protobuf keeps the last of a repeated field: so does this
             continue
         if f.number == TENSOR_NAME and f.wire == LENGTH_DELIMITED:
-            name = bytes(buf[f.value : f.end])
-        kept += buf[f.start : f.end]
-    if raw is None or raw[1] < MIN_WEIGHT_BYTES or name not in packable:
+            name = walk.bytes(f)
+        kept += walk.buf[f.start : f.end]
+    if raw is None or raw.end - raw.value < MIN_WEIGHT_BYTES or name not in packable:
         return None
-    for key, value in (("location", location), ("offset", str(raw[0])), ("length", str(raw[1]))):
+    place = (("location", location), ("offset", str(raw.value)), ("length", str(raw.end - raw.value)))
+    for key, value in place:
         kept += length_field(TENSOR_EXTERNAL, length_field(1, key.encode()) + length_field(2, value.encode()))
     kept += varint_field(TENSOR_LOCATION, EXTERNAL)
-    return bytes(kept), raw[1]
+    return bytes(kept), raw.end - raw.value
 
 
 def mappings_of(file: FileIdentity, name: str) -> int:

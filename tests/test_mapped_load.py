@@ -224,6 +224,9 @@ def test_other_providers_small_files_and_unreadable_protobufs_take_the_usual_loa
     fifo = tmp_path / "fifo.onnx"
     os.mkfifo(fifo)
     assert mapped_load.session(fifo, options, CPU) is None  # not opened for reading to block on
+    loop = tmp_path / "loop.onnx"
+    loop.symlink_to(loop)
+    assert mapped_load.session(loop, options, CPU) is None
 
 
 def test_a_model_with_nothing_to_map_takes_the_usual_load(tmp_path):
@@ -266,3 +269,19 @@ def test_the_walk_refuses_what_is_not_a_protobuf():
         list(fields(b"\x0a\x05abc", 0, 5))  # a 5-byte field with 3 bytes left
     with pytest.raises(ValueError, match="wire type"):
         list(fields(b"\x0f", 0, 1))
+
+
+def test_a_file_cut_short_or_too_many_fields_to_walk_takes_the_usual_load(model, tmp_path, monkeypatch):
+    """The walk gives up (and lets the mapped file go) on a protobuf cut off mid-field, and on more fields than any
+    model's graph has; the usual load then gives ONNX Runtime's own answer."""
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    assert mapped_load.session(cut, options, CPU) is None
+    with pytest.raises(Exception, match=r"(?i)protobuf|load model"):
+        ort_cache.plain_session(cut, options, CPU)
+    monkeypatch.setattr(mapped_load, "MAX_FIELDS", 20)
+    assert mapped_load.session(model, options, CPU) is None
+    with model.open("rb") as f, pytest.raises(ValueError, match="more than 20 protobuf fields"):
+        mapped_load.graph_with_mapped_weights(f.read(), model.name)
+    monkeypatch.setattr(mapped_load, "MAX_FIELDS", 2_000_000)
+    assert mapped_load.session(model, options, CPU) is not None
