@@ -19,8 +19,6 @@ small model's copy costs little).
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import mmap
 import os
@@ -30,7 +28,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 
 from immich_aio.onnx_walk import LENGTH_DELIMITED, Buffer, Field, encode_varint, fields, length_field, varint_field
@@ -41,8 +38,6 @@ log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 MIN_FILE_BYTES = 32 << 20
 MAX_FIELDS = 2_000_000  # fields walked at most (about a second); a larger walk gives up and the usual load runs
-WARM = 0.95  # the share of a file's pages in the page cache under which it is read through before it is mapped
-READ_CHUNK = 8 << 20
 MIN_WEIGHT_BYTES = 4096  # a smaller tensor stays in the graph: a mapping per bias is not worth its page
 FOLDER_KEY = "session.model_external_initializers_file_folder_path"  # where a graph given as bytes finds its data
 # ONNX field numbers: ModelProto.graph; GraphProto.node / initializer; NodeProto.input / op_type / domain;
@@ -72,8 +67,6 @@ def session(
             return None
         read: FileIdentity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buf:
-            if resident(buf) < WARM:
-                read_through(fd, info.st_size)
             graph, mapped = graph_with_mapped_weights(buf, path.name)
     except (OSError, ValueError, IndexError, BufferError) as e:  # not a protobuf this walk follows: the usual load
         log.debug("%s: loading its weights by copy (%s)", source, e)
@@ -97,45 +90,6 @@ def session(
         return None
     log.debug("%s: %d MB of weights packed from the file, not copied", source, mapped >> 20)
     return built
-
-
-def resident(buf: mmap.mmap) -> float:
-    """The share of a mapped file's pages in the page cache (mincore), 1.0 where that cannot be asked."""
-    size = len(buf)
-    pages = -(-size // mmap.PAGESIZE)
-    vector = np.zeros(pages, dtype=np.uint8)
-    view = np.frombuffer(buf, dtype=np.uint8)  # a read-only mapping's address, which ctypes will not give
-    try:
-        if _libc().mincore(view.ctypes.data, size, vector.ctypes.data) != 0:
-            return 1.0
-    except (AttributeError, OSError):
-        return 1.0
-    finally:
-        del view
-    return float(np.count_nonzero(vector & 1)) / pages
-
-
-def read_through(fd: int, size: int) -> None:
-    """Bring a file into the page cache in large sequential reads before it is mapped. Mapped cold, its pages come
-    in as ONNX Runtime packs them, a fault and a small read at a time: on a disk that seeks (a NAS's) the worst way
-    to read a file. In one side-by-side run the text tower, the fourth model of a first start, took 5.1-5.4 s that
-    way (not reproduced since: 1.1-1.2 s). Read through first (0.5-1.1 s for its 389 MB here) it costs one
-    sequential pass, which the usual load reads anyway; a file in the page cache is not read again."""
-    chunk = bytearray(READ_CHUNK)
-    offset = 0
-    while offset < size:
-        got = os.preadv(fd, [chunk], offset)
-        if got <= 0:
-            return
-        offset += got
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.mincore.restype = ctypes.c_int
-    return libc
 
 
 def graph_with_mapped_weights(buf: Buffer, location: str) -> tuple[bytes, int]:

@@ -4,7 +4,6 @@ behind, and the usual load wherever that cannot be promised."""
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import subprocess
 import sys
@@ -129,6 +128,8 @@ def test_no_mapping_of_the_file_is_left_once_the_session_is_built(model):
     assert session is not None
     assert mapped_load.mappings_of(_identity(model), model.name) == 0
     # the check itself sees a mapping of the file when there is one
+    import mmap
+
     with model.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as held:
         held[0]
         assert mapped_load.mappings_of(_identity(model), model.name) == 1
@@ -284,25 +285,3 @@ def test_a_file_cut_short_or_too_many_fields_to_walk_takes_the_usual_load(model,
         mapped_load.graph_with_mapped_weights(f.read(), model.name)
     monkeypatch.setattr(mapped_load, "MAX_FIELDS", 2_000_000)
     assert mapped_load.session(model, options, CPU) is not None
-
-
-def test_a_file_not_in_the_page_cache_is_read_through_before_it_is_mapped(model, monkeypatch):
-    """Mapped cold, a file is read a fault at a time; one that is not in the page cache is read in sequential
-    passes first, one that is, is not read again."""
-    with model.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        assert mapped_load.resident(buf) == 1.0  # just written
-        os.fsync(f.fileno())  # clean pages can be dropped
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        dropped = mapped_load.resident(buf)
-        mapped_load.read_through(f.fileno(), model.stat().st_size)
-        assert (dropped, mapped_load.resident(buf)) == (0.0, 1.0)  # on a disk file system (tmpfs keeps its pages)
-    passes: list[int] = []
-    real = mapped_load.read_through
-    monkeypatch.setattr(mapped_load, "read_through", lambda fd, size: passes.append(size) or real(fd, size))
-    assert mapped_load.session(model, options, CPU) is not None
-    assert passes == []
-    monkeypatch.setattr(mapped_load, "resident", lambda buf: 0.0)
-    session = mapped_load.session(model, options, CPU)
-    assert session is not None and passes == [model.stat().st_size]
-    for got, want in zip(answers(session), usual(model), strict=True):
-        assert np.array_equal(got, want)
