@@ -133,10 +133,11 @@ def test_real_ttl_unload_frees_ort_session(make_client):
     refs = [weakref.ref(e.model.session) for e in runtime.registry.loaded()]
     assert len(refs) == 2 and all(r() is not None for r in refs)
     runtime.registry._ttl_for = lambda task, type_: 0.2
+    # The reaper empties the slot before it closes the model: wait for both (a session kept past this is a leak).
     deadline = time.monotonic() + 10
-    while runtime.registry.loaded() and time.monotonic() < deadline:
+    while (runtime.registry.loaded() or any(r() is not None for r in refs)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    gc.collect()
+        gc.collect()
     assert runtime.registry.loaded() == []
     assert all(r() is None for r in refs), "ONNX Runtime sessions still referenced after unload"
     assert client.get("/info").json()["models"] == []
