@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 MIN_FILE_BYTES = 32 << 20
 MAX_FIELDS = 2_000_000  # fields walked at most (about a second); a larger walk gives up and the usual load runs
+BIG_FIELD = 1 << 20  # a field kept in the graph that is read from the file rather than copied from the mapping
 MIN_WEIGHT_BYTES = 4096  # a smaller tensor stays in the graph: a mapping per bias is not worth its page
 FOLDER_KEY = "session.model_external_initializers_file_folder_path"  # where a graph given as bytes finds its data
 # ONNX field numbers: ModelProto.graph; GraphProto.node / initializer; NodeProto.input / op_type / domain;
@@ -67,7 +68,7 @@ def session(
             return None
         read: FileIdentity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buf:
-            graph, mapped = graph_with_mapped_weights(buf, path.name)
+            graph, mapped = graph_with_mapped_weights(buf, path.name, lambda start, end: _pread(fd, start, end))
     except (OSError, ValueError, IndexError, BufferError) as e:  # not a protobuf this walk follows: the usual load
         log.debug("%s: loading its weights by copy (%s)", source, e)
         return None
@@ -92,26 +93,34 @@ def session(
     return built
 
 
-def graph_with_mapped_weights(buf: Buffer, location: str) -> tuple[bytes, int]:
+def graph_with_mapped_weights(
+    buf: Buffer, location: str, read: Callable[[int, int], bytes] | None = None
+) -> tuple[bytes, int]:
     """The model's protobuf with each packable weight's bytes replaced by where they lie in the file (`location`,
     the file's name beside the graph), and how many bytes that is. Every other field is kept as written, copied
     once (a text tower's 65 MB word table is not packed, so it stays in the graph)."""
     walk = _Walk(buf)
     view = memoryview(buf)
+
+    def kept(start: int, end: int) -> bytes | memoryview:
+        # A large field kept as written (a text tower's 65 MB word table) is read from the file in one call:
+        # copied from a cold mapping it would come in a fault and a small read at a time.
+        return read(start, end) if read is not None and end - start >= BIG_FIELD else view[start:end]
+
     pieces: list[bytes | memoryview] = []
     graph: list[bytes | memoryview] = []
     mapped = 0
     try:
         for f in walk.fields(0, len(buf)):
             if f.number != MODEL_GRAPH or f.wire != LENGTH_DELIMITED:
-                pieces.append(view[f.start : f.end])
+                pieces.append(kept(f.start, f.end))
                 continue
             packable = _packable_inputs(walk, f.value, f.end)
             graph.clear()
             for g in walk.fields(f.value, f.end):
                 tensor = _mapped_tensor(walk, g, location, packable) if g.number == GRAPH_INITIALIZER else None
                 if tensor is None:
-                    graph.append(view[g.start : g.end])
+                    graph.append(kept(g.start, g.end))
                 else:
                     graph.append(length_field(GRAPH_INITIALIZER, tensor[0]))
                     mapped += tensor[1]
@@ -123,6 +132,17 @@ def graph_with_mapped_weights(buf: Buffer, location: str) -> tuple[bytes, int]:
         pieces.clear()  # the views into a mapped file go before the file is closed, an error's traceback or not
         graph.clear()
         view.release()
+
+
+def _pread(fd: int, start: int, end: int) -> bytes:
+    parts = []
+    while start < end:
+        part = os.pread(fd, end - start, start)
+        if not part:
+            raise ValueError("the file ended before its protobuf did")
+        parts.append(part)
+        start += len(part)
+    return b"".join(parts)
 
 
 class _Walk:
