@@ -307,3 +307,8 @@ def test_large_fields_kept_in_the_graph_are_read_from_the_file_not_the_mapping(m
     assert session is not None
     for got, want in zip(answers(session), usual(model), strict=True):
         assert np.array_equal(got, want)
+
+
+def test_a_graph_that_keeps_much_in_itself_takes_the_usual_load(model, monkeypatch):
+    monkeypatch.setattr(mapped_load, "MAX_GRAPH_BYTES", 1 << 20)  # this one keeps a 4 MB weight and a 256 KB table
+    assert mapped_load.session(model, options, CPU) is None
