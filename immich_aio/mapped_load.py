@@ -31,7 +31,7 @@ from typing import Any
 import onnxruntime as ort
 
 from immich_aio.onnx_walk import LENGTH_DELIMITED, Buffer, Field, encode_varint, fields, length_field, varint_field
-from immich_aio.store import FileIdentity, file_identity
+from immich_aio.store import FileIdentity, file_identity, stat_identity
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ MAX_FIELDS = 2_000_000  # fields walked at most (about a second); a larger walk 
 # A graph that keeps more than this in itself loads the usual way: the BERT text tower (its 65 MB word table is a
 # Gather's, not packed) loaded mapped in 2.4-4.6 s after the disk cache had been evicted (the usual way: 1.5-2.8 s)
 MAX_GRAPH_BYTES = 8 << 20
-BIG_FIELD = 1 << 20  # a field kept in the graph that is read from the file rather than copied from the mapping
 MIN_WEIGHT_BYTES = 4096  # a smaller tensor stays in the graph: a mapping per bias is not worth its page
 FOLDER_KEY = "session.model_external_initializers_file_folder_path"  # where a graph given as bytes finds its data
 # ONNX field numbers: ModelProto.graph; GraphProto.node / initializer; NodeProto.input / op_type / domain;
@@ -69,15 +68,15 @@ def session(
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size < MIN_FILE_BYTES:
             return None
-        read: FileIdentity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        read = stat_identity(info)
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buf:
-            graph, mapped = graph_with_mapped_weights(buf, path.name, lambda start, end: _pread(fd, start, end))
+            graph, mapped = graph_with_mapped_weights(buf, path.name)
     except (OSError, ValueError, IndexError, BufferError) as e:  # not a protobuf this walk follows: the usual load
         log.debug("%s: loading its weights by copy (%s)", source, e)
         return None
     finally:
         os.close(fd)
-    if not mapped or len(graph) > MAX_GRAPH_BYTES:
+    if not mapped:
         return None
     opts = options()
     opts.add_session_config_entry(FOLDER_KEY, str(path.parent))
@@ -96,19 +95,12 @@ def session(
     return built
 
 
-def graph_with_mapped_weights(
-    buf: Buffer, location: str, read: Callable[[int, int], bytes] | None = None
-) -> tuple[bytes, int]:
+def graph_with_mapped_weights(buf: Buffer, location: str) -> tuple[bytes, int]:
     """The model's protobuf with each packable weight's bytes replaced by where they lie in the file (`location`,
     the file's name beside the graph), and how many bytes that is. Every other field is kept as written, copied
-    once (a text tower's 65 MB word table is not packed, so it stays in the graph)."""
+    once, and only if they come to at most MAX_GRAPH_BYTES (else ValueError, before anything is copied)."""
     walk = _Walk(buf)
     view = memoryview(buf)
-
-    def kept(start: int, end: int) -> bytes | memoryview:
-        # A large field kept as written (a text tower's 65 MB word table) is read from the file in one call:
-        # copied from a cold mapping it would come in a fault and a small read at a time.
-        return read(start, end) if read is not None and end - start >= BIG_FIELD else view[start:end]
 
     pieces: list[bytes | memoryview] = []
     graph: list[bytes | memoryview] = []
@@ -116,20 +108,22 @@ def graph_with_mapped_weights(
     try:
         for f in walk.fields(0, len(buf)):
             if f.number != MODEL_GRAPH or f.wire != LENGTH_DELIMITED:
-                pieces.append(kept(f.start, f.end))
+                pieces.append(view[f.start : f.end])
                 continue
             packable = _packable_inputs(walk, f.value, f.end)
             graph.clear()
             for g in walk.fields(f.value, f.end):
                 tensor = _mapped_tensor(walk, g, location, packable) if g.number == GRAPH_INITIALIZER else None
                 if tensor is None:
-                    graph.append(kept(g.start, g.end))
+                    graph.append(view[g.start : g.end])
                 else:
                     graph.append(length_field(GRAPH_INITIALIZER, tensor[0]))
                     mapped += tensor[1]
             pieces.append(encode_varint(MODEL_GRAPH << 3 | LENGTH_DELIMITED))
             pieces.append(encode_varint(sum(len(p) for p in graph)))
             pieces.extend(graph)
+        if (size := sum(len(p) for p in pieces)) > MAX_GRAPH_BYTES:
+            raise ValueError(f"its graph keeps {size >> 20} MB in itself (over {MAX_GRAPH_BYTES >> 20} MB)")
         return b"".join(pieces), mapped
     finally:
         pieces.clear()  # the views into a mapped file go before the file is closed, an error's traceback or not
@@ -137,24 +131,13 @@ def graph_with_mapped_weights(
         view.release()
 
 
-def _pread(fd: int, start: int, end: int) -> bytes:
-    parts = []
-    while start < end:
-        part = os.pread(fd, end - start, start)
-        if not part:
-            raise ValueError("the file ended before its protobuf did")
-        parts.append(part)
-        start += len(part)
-    return b"".join(parts)
-
-
 class _Walk:
     """The fields of one file, counted: a file with more than any model's graph has is not walked to its end at
     Python's pace (the ViT-B/16 image tower has about 15,000 in all)."""
 
-    def __init__(self, buf: Buffer, limit: int = 0) -> None:
+    def __init__(self, buf: Buffer) -> None:
         self.buf = buf
-        self.left = limit or MAX_FIELDS
+        self.left = MAX_FIELDS
 
     def fields(self, start: int, end: int) -> Iterator[Field]:
         for f in fields(self.buf, start, end):
@@ -228,8 +211,8 @@ def mappings_of(file: FileIdentity, name: str) -> int:
             for line in maps:
                 parts = line.split(maxsplit=5)
                 if len(parts) >= 5 and parts[4] == ino:
-                    shown = parts[5].strip() if len(parts) == 6 else ""
-                    count += parts[3] == device or shown.removesuffix(" (deleted)").endswith("/" + name)
+                    pathname = parts[5].strip() if len(parts) == 6 else ""
+                    count += parts[3] == device or pathname.removesuffix(" (deleted)").endswith("/" + name)
     except OSError:
         return 0
     return count

@@ -49,9 +49,13 @@ FileIdentity = tuple[int, int, int, int] | None
 def file_identity(path: Path) -> FileIdentity:
     """(device, inode, size, mtime): changes when a file is replaced or rewritten; None when missing."""
     try:
-        st = os.stat(path)
+        return stat_identity(os.stat(path))
     except OSError:
         return None
+
+
+def stat_identity(st: os.stat_result) -> FileIdentity:
+    """The identity of a file already stat'ed (or fstat'ed through a descriptor held open)."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 

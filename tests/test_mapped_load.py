@@ -287,28 +287,6 @@ def test_a_file_cut_short_or_too_many_fields_to_walk_takes_the_usual_load(model,
     assert mapped_load.session(model, options, CPU) is not None
 
 
-def test_large_fields_kept_in_the_graph_are_read_from_the_file_not_the_mapping(model, monkeypatch):
-    """The Gather's table and the weight shared with an Add stay in the graph: each is read in one call (a cold
-    mapping would fault it in page by page), and the graph is the same either way."""
-    monkeypatch.setattr(mapped_load, "BIG_FIELD", 200_000)  # over it: the 256 KB table, the 4 MB w_shared
-    data = model.read_bytes()
-    reads: list[tuple[int, int]] = []
-
-    def read(start: int, end: int) -> bytes:
-        reads.append((start, end))
-        return data[start:end]
-
-    assert mapped_load.graph_with_mapped_weights(data, model.name, read) == mapped_load.graph_with_mapped_weights(
-        data, model.name
-    )
-    sizes = sorted(end - start for start, end in reads)  # the two kept ones over the limit: the table, w_shared
-    assert len(sizes) == 2 and 0 < sizes[0] - 1000 * 64 * 4 < 100 and 0 < sizes[1] - 1024 * 1024 * 4 < 100
-    session = mapped_load.session(model, options, CPU)  # through the file's own reads
-    assert session is not None
-    for got, want in zip(answers(session), usual(model), strict=True):
-        assert np.array_equal(got, want)
-
-
 def test_a_graph_that_keeps_much_in_itself_takes_the_usual_load(model, monkeypatch):
     monkeypatch.setattr(mapped_load, "MAX_GRAPH_BYTES", 1 << 20)  # this one keeps a 4 MB weight and a 256 KB table
     assert mapped_load.session(model, options, CPU) is None
