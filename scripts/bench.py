@@ -306,20 +306,34 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def rss_mb(pid: int | None) -> float:
-    """Resident memory of the whole process tree, MB (what a container's memory holds, shared pages counted once
-    per process: for a single-process server it is the process's RSS)."""
+def _tree_kb(pid: int | None, field: str) -> float:
+    """A /proc/<pid>/status field summed over the process tree, MB."""
     if pid is None:
         return float("nan")
     total = 0
     for p in tree(pid):
         try:
             with open(f"/proc/{p}/status") as f:
-                total += next((int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")), 0)
+                total += next((int(ln.split()[1]) for ln in f if ln.startswith(field)), 0)
         except OSError:
             if p == pid:
                 raise
     return total / 1024
+
+
+def rss_mb(pid: int | None) -> float:
+    """Resident memory of the whole process tree, MB (what a container's memory holds, shared pages counted once
+    per process: for a single-process server it is the process's RSS)."""
+    return _tree_kb(pid, "VmRSS:")
+
+
+def anon_mb(pid: int | None) -> float:
+    """The anonymous part of that resident memory, MB: heap and the like, which the kernel can only swap out.
+
+    The rest of RSS is pages of mapped files (libraries, and model weights mapped from a file, as immich-aio's
+    packed copies are): clean page-cache pages the kernel drops under memory pressure and reads again when used.
+    """
+    return _tree_kb(pid, "RssAnon:")
 
 
 class RssMonitor:
@@ -329,6 +343,7 @@ class RssMonitor:
         self.pid = pid
         self.phase = "start"
         self.samples: dict[str, list[float]] = defaultdict(list)
+        self.anon: dict[str, list[float]] = defaultdict(list)  # anon_mb, sampled with each RSS sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -344,10 +359,13 @@ class RssMonitor:
 
     def _loop(self) -> None:
         while not self._stop.wait(0.25):
+            phase = self.phase
             try:
-                self.samples[self.phase].append(rss_mb(self.pid))
+                rss, anon = rss_mb(self.pid), anon_mb(self.pid)
             except OSError:  # the server has exited
                 return
+            self.samples[phase].append(rss)
+            self.anon[phase].append(anon)
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {

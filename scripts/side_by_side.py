@@ -11,8 +11,8 @@ files, laid out as Immich ML caches them): CLIP `ViT-B-16__openai` (a ViT-B/16 i
 text tower, random weights), SCRFD-10G-class + ArcFace-R50-class stand-ins for `buffalo_l`, and Immich's real
 `PP-OCRv5_mobile` (see scripts/bench_models.py).
 
-Each round starts each server fresh, A then B, and measures, with the whole process tree's RSS sampled
-four times a second:
+Each round starts each server fresh, A then B, and measures, with the whole process tree's RSS (and its anonymous
+part, what the kernel cannot drop: the rest is pages of mapped files) sampled four times a second:
  1. cold: the first request of each task right after start (model load included): CLIP visual, faces,
     OCR, search, in that order; twice, each time after a fresh start: with every file of the model folder
     read into the page cache first ("files in memory", as shortly after the last use) and with all of them
@@ -220,6 +220,7 @@ def one_run(server: Server, images: list[bytes], args: argparse.Namespace, say, 
         rss.phase = "idle"
         time.sleep(args.idle)
         out["idle_rss_mb"] = statistics.median(rss.samples["idle"][-12:])  # its last 3 s: what it settled at
+        out["idle_anon_mb"] = statistics.median(rss.anon["idle"][-12:])
         alone = {}
         for t in IMAGE_TASKS:
             rss.phase = f"alone {t}"
@@ -232,9 +233,11 @@ def one_run(server: Server, images: list[bytes], args: argparse.Namespace, say, 
         mix.run([("clip", 0), ("clip", 0), ("face", 0), ("face", 0), ("ocr", 0), ("search", 2.0)], args.mix)
         out["mix"] = {t: mix.summary(t) for t in TASKS}
         out["mix_peak_rss_mb"] = max(rss.samples["mix"])
+        out["mix_peak_anon_mb"] = max(rss.anon["mix"])
         out["peak_rss_mb"] = max(max(v) for v in rss.samples.values() if v)
     errors = sum(s["errors"] for s in [*out["alone"].values(), *out["mix"].values()])
-    say(f"  {server.name}: idle {out['idle_rss_mb']:.0f} MB, mix peak {out['mix_peak_rss_mb']:.0f} MB, "
+    say(f"  {server.name}: idle {out['idle_rss_mb']:.0f} MB ({out['idle_anon_mb']:.0f} anonymous), "
+        f"mix peak {out['mix_peak_rss_mb']:.0f} MB ({out['mix_peak_anon_mb']:.0f} anonymous), "
         f"errors {errors}")  # fmt: skip
     return out
 
@@ -338,6 +341,9 @@ FIGURES: list[tuple[str, str, object]] = [
     ("Immich mix, search p95", "ms", lambda r: r["mix"]["search"]["p95_ms"]),
     ("Immich mix, peak RSS", "MB", lambda r: r["mix_peak_rss_mb"]),
     ("peak RSS, any phase (loading included)", "MB", lambda r: r["peak_rss_mb"]),
+    # RSS's anonymous part: what the kernel cannot drop under memory pressure (the rest is mapped files' pages)
+    ("idle anonymous RSS (RssAnon), every model loaded", "MB", lambda r: r["idle_anon_mb"]),
+    ("Immich mix, peak anonymous RSS (RssAnon)", "MB", lambda r: r["mix_peak_anon_mb"]),
     ("search under the mix, its model reloaded after the TTL, p50", "ms", lambda r: r["reload"]["p50_ms"]),
 ]  # fmt: skip
 

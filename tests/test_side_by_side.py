@@ -32,6 +32,30 @@ def test_memory_counts_the_whole_process_tree():
         parent.wait(10)
 
 
+def test_anonymous_memory_leaves_out_mapped_files(tmp_path):
+    """immich-aio's packed weights are pages of a mapped file, which RSS counts and the kernel can drop; the
+    anonymous part is what it cannot, so it must hold the heap and not the file's pages."""
+    import select
+
+    data = tmp_path / "weights.bin"
+    data.write_bytes(b"\1" * (96 << 20))
+    code = (
+        "import mmap, sys, time; f = open(sys.argv[1], 'rb'); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ); "
+        "s = sum(m[i] for i in range(0, len(m), 4096)); heap = bytearray(64 << 20); heap[::4096] = b'x' * (16 << 10); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(data)], stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], 30)
+        assert ready and child.stdout is not None and child.stdout.readline().strip() == "ready"
+        rss, anon = bench.rss_mb(child.pid), bench.anon_mb(child.pid)
+        assert anon >= 64  # the heap, every page touched
+        assert rss - anon >= 96  # the mapped file's pages are resident, but not anonymous
+    finally:
+        child.kill()
+        child.wait(10)
+
+
 def test_ratios_are_per_round_then_the_median(monkeypatch):
     monkeypatch.setattr(sbs, "FIGURES", [("idle RSS", "MB", lambda r: r["idle_rss_mb"])])
     runs = {
