@@ -101,7 +101,6 @@ def graph_with_mapped_weights(buf: Buffer, location: str) -> tuple[bytes, int]:
     once, and only if they come to at most MAX_GRAPH_BYTES (else ValueError, before anything is copied)."""
     walk = _Walk(buf)
     view = memoryview(buf)
-
     pieces: list[bytes | memoryview] = []
     graph: list[bytes | memoryview] = []
     mapped = 0

@@ -306,25 +306,28 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def _tree_kb(pid: int | None, field: str) -> float:
-    """A /proc/<pid>/status field summed over the process tree, MB."""
+def _tree_mb(pid: int | None, *fields: str) -> tuple[float, ...]:
+    """/proc/<pid>/status fields (kB) summed over the process tree, in MB: one walk, each file read once."""
     if pid is None:
-        return float("nan")
-    total = 0
+        return tuple(float("nan") for _ in fields)
+    totals = dict.fromkeys(fields, 0)
     for p in tree(pid):
         try:
             with open(f"/proc/{p}/status") as f:
-                total += next((int(ln.split()[1]) for ln in f if ln.startswith(field)), 0)
+                for ln in f:
+                    name = ln.split(":", 1)[0]
+                    if name in totals:
+                        totals[name] += int(ln.split()[1])
         except OSError:
             if p == pid:
                 raise
-    return total / 1024
+    return tuple(totals[k] / 1024 for k in fields)
 
 
 def rss_mb(pid: int | None) -> float:
     """Resident memory of the whole process tree, MB (what a container's memory holds, shared pages counted once
     per process: for a single-process server it is the process's RSS)."""
-    return _tree_kb(pid, "VmRSS:")
+    return _tree_mb(pid, "VmRSS")[0]
 
 
 def anon_mb(pid: int | None) -> float:
@@ -333,7 +336,7 @@ def anon_mb(pid: int | None) -> float:
     The rest of RSS is pages of mapped files (libraries, and model weights mapped from a file, as immich-aio's
     packed copies are): clean page-cache pages the kernel drops under memory pressure and reads again when used.
     """
-    return _tree_kb(pid, "RssAnon:")
+    return _tree_mb(pid, "RssAnon")[0]
 
 
 class RssMonitor:
@@ -361,7 +364,7 @@ class RssMonitor:
         while not self._stop.wait(0.25):
             phase = self.phase
             try:
-                rss, anon = rss_mb(self.pid), anon_mb(self.pid)
+                rss, anon = _tree_mb(self.pid, "VmRSS", "RssAnon")  # one walk: the two figures of one moment
             except OSError:  # the server has exited
                 return
             self.samples[phase].append(rss)
