@@ -14,17 +14,19 @@ those runs are the shapes the server will run.
 Both also write the copy's read order (`READ_ORDER`): the ranges of its weights file in the order ONNX Runtime reads
 them, which the server asks the kernel for ahead of a load (ort_cache.read_ahead).
 
-Both start from the source graph with its constant scales and shifts folded into its convolutions (graph_fold.py;
-PP-OCR's detectors and recognisers run in about 0.8 of their time), but only after this child has run the folded
-graph beside the source's on the same inputs and found them equal; otherwise from the source as it is. What was done
-is written to `REWRITES`; `pack` reads the entry's and folds only when the entry's child did, so that both copies
-hold one graph and a model with nothing to fold (every model that is packed, so far) is not read twice.
+Both start from the source graph rewritten for the CPU's kernels: its constant scales and shifts folded into its
+convolutions (graph_fold.py; PP-OCR's detectors and recognisers run in about 0.8 of their time) and its per-channel
+PRelus written as convolutions (graph_prelu.py; an ArcFace IResNet-50 in about 0.9), but only after this child has
+run the rewritten graph beside the source's on the same inputs and found them equal; otherwise from the source as it
+is. What was done is written to `REWRITES`; `pack` reads the entry's and rewrites only when the entry's child did, so
+that both copies hold one graph and a model with nothing to rewrite (a CLIP tower) is not read twice.
 
 Usage: python -m immich_aio.ort_pack entry SOURCE FOLDER | pack SOURCE FOLDER ENTRY
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -35,8 +37,8 @@ import onnxruntime as ort  # after the package's __init__, which turns ONNX Runt
 
 GRAPH, WEIGHTS = "model.onnx", "weights.bin"  # an entry's files (ort_cache.py)
 READ_ORDER = "read-order.json"  # [[offset, length], ...] of WEIGHTS, in the order a session reads them
-REWRITES = "rewrites.json"  # {"folded": n} or {"folded": 0, "why": ...}: what graph_fold.py did to the source
-FOLD_MAX_BYTES = 256 << 20  # a graph folded in memory is held three times over (PP-OCR's largest: 90 MB)
+REWRITES = "rewrites.json"  # {"folded": n, "prelu": p} or {"folded": 0, "why": ...}: what was rewritten in the source
+FOLD_MAX_BYTES = 256 << 20  # a graph rewritten in memory is held several times over (an IResNet-50's 174 MB: 1.2 GB)
 FREE_DIM = 64  # a free dimension's size when the folded graph is checked (a multiple of the detectors' stride)
 BATCHES = (1, 2, 5)  # single, even and above the CPU batch size: the crash seen came at every shape
 EXIT_DISAGREES = 3
@@ -122,15 +124,17 @@ def write_read_order(folder: Path) -> None:
 
 
 def folded(source: Path) -> tuple[bytes | None, dict[str, object]]:
-    """The source graph with its constant scales and shifts folded (graph_fold.py), if any were and the folded graph
-    computes what the source does; else None. The second value says which, for `REWRITES`.
+    """The source graph rewritten (its constant scales and shifts folded, graph_fold.py; its per-channel PRelus as
+    convolutions, graph_prelu.py), if anything was and the rewritten graph computes what the source does; else
+    None. The second value says which, for `REWRITES`: "folded" counts every rewrite, "prelu" the PRelus among them.
 
-    Checked on every convolution's output as well as the graph's: each value a folded convolution now writes is
-    one the source computes under the same name, and comparing those (not only the outputs, which a detector's
-    sigmoid can flatten on random inputs) catches a wrong fold anywhere in the graph."""
+    Checked on the values the rewritten nodes write as well as the graph's outputs: each is one the source computes
+    under the same name, and comparing those (not only the outputs, which a detector's sigmoid can flatten on random
+    inputs) catches a wrong rewrite anywhere in the graph."""
     import onnx
 
     from immich_aio.graph_fold import fold_affine
+    from immich_aio.graph_prelu import rewrite_prelu
 
     if source.stat().st_size > FOLD_MAX_BYTES:
         return None, {"folded": 0, "why": "too large to fold in memory"}
@@ -138,24 +142,36 @@ def folded(source: Path) -> tuple[bytes | None, dict[str, object]]:
         model = onnx.load(str(source), load_external_data=False)
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
             return None, {"folded": 0, "why": "weights in external files"}
-        count = fold_affine(model)
+        computed = {name for node in model.graph.node for name in node.output}  # the source's values, by name
+        ends = {o.name for o in model.graph.output}
+        prelu_outputs = {n.output[0] for n in model.graph.node if n.op_type == "PRelu" and n.output}
+        affine = fold_affine(model)
+        prelu = rewrite_prelu(model)
+        count = affine + prelu
         if count == 0:
             return None, {"folded": 0, "why": "nothing to fold"}
         data = model.SerializeToString()
+        inner = [
+            n.output[0]
+            for n in model.graph.node
+            if (n.op_type == "Conv" or n.output[0] in prelu_outputs) and n.output[0] in computed - ends
+        ]
+        # Each graph is held as a protobuf only until it is bytes (a face recogniser's 174 MB, several times over)
+        model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in inner)
+        rewritten_bytes = model.SerializeToString()
+        del model
         probe = onnx.load(str(source), load_external_data=False)  # the source again, only for a graph that folded
-        computed = {name for node in probe.graph.node for name in node.output}
-        ends = {o.name for o in probe.graph.output}
-        inner = [n.output[0] for n in model.graph.node if n.op_type == "Conv" and n.output[0] in computed - ends]
-        for graph in (probe.graph, model.graph):
-            graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in inner)
-        why = disagreement(probe.SerializeToString(), model.SerializeToString())
-        del model, probe
+        probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in inner)
+        source_bytes = probe.SerializeToString()
+        del probe
+        why = disagreement(source_bytes, rewritten_bytes)
+        del source_bytes, rewritten_bytes
     except Exception as e:  # a graph onnx or the fold cannot take is saved as ONNX Runtime optimises it, unfolded
         why = f"could not be folded ({type(e).__name__}: {str(e)[:200]})"
     if why is not None:
         print(f"not folded: {why}", file=sys.stderr)
         return None, {"folded": 0, "why": why}
-    return data, {"folded": count}
+    return data, {"folded": count, "prelu": prelu}
 
 
 def disagreement(source: bytes, rewritten: bytes) -> str | None:
@@ -165,17 +181,18 @@ def disagreement(source: bytes, rewritten: bytes) -> str | None:
     1e-6 move by 5 % between ONNX Runtime's optimised and unoptimised runs of the same file), so the rewritten graph
     may differ from the source as much as ONNX Runtime's own optimisations make it differ, and no more."""
     levels = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    outputs: list[list[np.ndarray]] = []
     try:
-        optimised, plain = (
-            ort.InferenceSession(source, options(lv), providers=["CPUExecutionProvider"]) for lv in levels
-        )
-        candidate = ort.InferenceSession(rewritten, options(levels[0]), providers=["CPUExecutionProvider"])
-        sample = feeds(optimised.get_inputs(), 1, np.random.default_rng(0))
-        runs = zip(optimised.run(None, sample), plain.run(None, sample), candidate.run(None, sample), strict=True)
+        # one session at a time, each let go before the next: a face recogniser's three held at once took 2 GB
+        for graph, level in ((source, levels[0]), (source, levels[1]), (rewritten, levels[0])):
+            session = ort.InferenceSession(graph, options(level), providers=["CPUExecutionProvider"])
+            sample = feeds(session.get_inputs(), 1, np.random.default_rng(0))
+            outputs.append([np.asarray(o) for o in session.run(None, sample)])
+            del session
     except Exception as e:  # ONNX Runtime raises its own types: a graph it cannot run is not used
         return f"the folded graph could not be run beside the source ({type(e).__name__})"
-    for i, (want, unoptimised, got) in enumerate(runs):
-        if not agree(np.asarray(want), np.asarray(got), np.asarray(unoptimised)):
+    for i, (want, unoptimised, got) in enumerate(zip(*outputs, strict=True)):
+        if not agree(want, got, unoptimised):
             return f"output {i} differs from the source's"  # the graph's outputs first, then the convolutions'
     return None
 
@@ -239,6 +256,13 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def first_to_go() -> None:
+    """Offer this child to the kernel's OOM killer before anything else, the server beside it above all: a rewrite
+    holds a face recogniser's graph several times over (1.2 GB for a 174 MB IResNet-50)."""
+    with contextlib.suppress(OSError):  # not Linux, or no /proc: nothing to offer
+        Path("/proc/self/oom_score_adj").write_text("1000\n")
+
+
 def idle_priority() -> None:
     """Run only on CPU time the server leaves unused (Linux SCHED_IDLE; elsewhere the lowest nice)."""
     try:
@@ -249,4 +273,5 @@ def idle_priority() -> None:
 
 if __name__ == "__main__":
     idle_priority()
+    first_to_go()
     sys.exit(main(sys.argv[1:]))

