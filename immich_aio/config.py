@@ -221,7 +221,7 @@ class Settings:
     ocr_default_model: str = "PP-OCRv6_small"
     ocr_max_side: int = 2560
     ocr_max_batch: int = 16
-    face_max_batch: int = 32
+    face_max_batch: int = 0  # 0: 8 on the CPU, 32 with a GPU (SessionFactory.face_batch)
     clip_aliases: dict[str, str] = field(default_factory=dict)
     batch_max_size: int = 0  # 0: 4 on CPU, 16 with CUDA
     batch_max_wait_ms: float = 0.0
@@ -298,7 +298,7 @@ class Settings:
             ocr_max_side=env.integer("IMMICH_AIO_OCR_MAX_SIDE", cls.ocr_max_side, 256, 16384),
             ocr_max_batch=env.integer("MACHINE_LEARNING_MAX_BATCH_SIZE__OCR", cls.ocr_max_batch, 1, 1024),
             face_max_batch=env.integer(
-                "MACHINE_LEARNING_MAX_BATCH_SIZE__FACIAL_RECOGNITION", cls.face_max_batch, 1, 1024
+                "MACHINE_LEARNING_MAX_BATCH_SIZE__FACIAL_RECOGNITION", cls.face_max_batch, 0, 1024
             ),
             clip_aliases=_parse_aliases(env),
             batch_max_size=env.integer("IMMICH_AIO_BATCH_MAX_SIZE", cls.batch_max_size, 0, 1024),

@@ -54,7 +54,7 @@ RUNNING_GRACE_S = 30  # after the grace period: how long runs under way may take
 def build_resolvers(settings: Settings, store: ModelStore, factory: SessionFactory) -> dict[Task, Resolver]:
     return {
         CLIP: ClipResolver(store, factory, settings.clip_aliases, settings.auto_fetch_clip),
-        FACES: FaceResolver(store, factory, settings.face_max_batch),
+        FACES: FaceResolver(store, factory, factory.face_batch),
         OCR: OcrResolver(store, factory, settings.ocr_default_model, settings.ocr_max_batch, settings.ocr_max_side),
     }
 

@@ -21,6 +21,7 @@ from starlette.testclient import TestClient
 from immich_aio.app import create_app
 from immich_aio.download.cli import main as models_main
 from immich_aio.download.install import verify_manifest
+from immich_aio.jobs import Job
 from immich_aio.models.faces import nms, similarity_transform
 
 VENDOR = Path(__file__).parent / ".vendor"
@@ -156,6 +157,22 @@ def test_all_faces_embedded_in_one_batched_run(make_client, store):
     model.session.run = lambda *a, **k: calls.append(a[1]["input.1"].shape[0]) or real_run(*a, **k)
     faces = predict(client, face_entries(), image=photo_files()["group_t1"]).json()["facial-recognition"]
     assert calls == [len(faces)] and len(faces) > 1
+
+
+def test_on_the_cpu_a_recognition_run_takes_at_most_8_faces_unless_told(make_client, store):
+    """Batching barely pays on the CPU and each face holds ~10 MB of activations in its run: runs are capped at 8."""
+    install_pack(store)
+    client = make_client()
+    runtime = client.app.state.runtime
+    predict(client, face_entries(), image=photo_files()["group_t1"])
+    model = loaded_model(runtime, "recognition")
+    assert model.batcher.policy.max_size == 8
+    calls = []
+    real_run = model.session.run
+    model.session.run = lambda *a, **k: calls.append(a[1]["input.1"].shape[0]) or real_run(*a, **k)
+    crops = [np.full((112, 112, 3), i, np.uint8) for i in range(19)]
+    embeddings = model.batcher.map(crops, Job())
+    assert len(embeddings) == 19 and sum(calls) == 19 and max(calls) <= 8 and len(calls) >= 3
 
 
 def test_detector_without_landmarks_fails_recognition_clearly(make_client, store):
