@@ -94,7 +94,7 @@ class SessionFactory:
         self.batch_size = settings.batch_max_size or (4 if on_cpu else 16)
         # Faces per recognition run. On the CPU batching saves an IResNet-50 at most 4 % (CPU time per face 181 ms
         # alone, 176 at 8, 173 at 32), while each face in a run holds about 10 MB of activations at its peak: at 32,
-        # Immich's mix peaked 140-150 MB higher than at 8, for no more work (README, "Memory and runtime settings").
+        # Immich's mix peaked 130-170 MB higher than at 8, for no more work (README, "Memory and runtime settings").
         # A GPU's batches pay.
         self.face_batch = settings.face_max_batch or (8 if on_cpu else 32)
         # Saved optimised graphs load in a fraction of the time (ort_cache.py); CPU only, as measured.
