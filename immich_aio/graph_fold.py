@@ -37,23 +37,58 @@ ACTIVATIONS = frozenset({"Relu", "HardSwish", "HardSigmoid", "Sigmoid", "Clip", 
 def fold_affine(model: onnx.ModelProto) -> int:
     """Fold constant scales and shifts into convolutions, in place; how many `Mul`/`Add` nodes went."""
     graph = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
-        return 0  # a subgraph may read any outer name: renaming values under it is not worth the risk
+    if has_subgraphs(graph):
+        return 0
     folder = _Folder(graph)
     folder.drop_identities()
     return folder.run()
 
 
+def has_subgraphs(graph: onnx.GraphProto) -> bool:
+    """Whether a node holds a subgraph (`If`, `Loop`, `Scan`): it may read any outer name, so renaming values under it
+    is not worth the risk, and this module's rewrites and graph_prelu.py's leave such graphs alone."""
+    kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return any(a.type in kinds for n in graph.node for a in n.attribute)
+
+
+def constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """The initializers a rewrite may treat as constants. One that is also a graph input is only a default: a caller
+    may feed another value (ONNX Runtime's own constant folding leaves those too)."""
+    fed = {i.name for i in graph.input}
+    return {t.name: t for t in graph.initializer if t.name not in fed}
+
+
+def prune_initializers(graph: onnx.GraphProto) -> None:
+    """Drop the initializers no node reads any more (a rewrite's replaced weights); graph inputs' defaults stay."""
+    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output} | {i.name for i in graph.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+class FreshNames:
+    """New value, initializer and node names that collide with none of the graph's."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.taken = {t.name for t in graph.initializer} | {x for n in graph.node for x in (*n.input, *n.output)}
+        self.taken |= {n.name for n in graph.node}
+        self.made = 0
+
+    def __call__(self, stem: str) -> str:
+        while True:
+            self.made += 1
+            name = f"{stem}_{self.made}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
+
+
 class _Folder:
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
-        # An initializer that is also a graph input is only a default: a caller may feed another value, so it is
-        # not a constant to fold (ONNX Runtime's own constant folding leaves those too).
-        fed = {i.name for i in graph.input}
-        self.init = {t.name: t for t in graph.initializer if t.name not in fed}
+        self.init = constants(graph)
         self.outputs = {o.name for o in graph.output}
-        self.names = {t.name for t in graph.initializer} | {x for n in graph.node for x in (*n.input, *n.output)}
-        self.made = 0
+        self._fresh = FreshNames(graph)
         self.arrays: dict[str, np.ndarray] = {}
 
     def _array(self, name: str) -> np.ndarray:
@@ -109,10 +144,7 @@ class _Folder:
             kept_nodes = [n for n in nodes if id(n) not in gone]
             del self.graph.node[:]
             self.graph.node.extend(kept_nodes)
-            used = {x for n in self.graph.node for x in n.input} | self.outputs
-            kept = [t for t in self.graph.initializer if t.name in used]
-            del self.graph.initializer[:]
-            self.graph.initializer.extend(kept)
+            prune_initializers(self.graph)
         return len(gone)
 
     def _forward(self, conv: onnx.NodeProto) -> onnx.NodeProto | None:
@@ -247,14 +279,6 @@ class _Folder:
             conv.input[2] = names[1]
         else:
             conv.input.append(names[1])
-
-    def _fresh(self, stem: str) -> str:
-        while True:
-            self.made += 1
-            name = f"{stem}_{self.made}"
-            if name not in self.names:
-                self.names.add(name)
-                return name
 
 
 def _padded(conv: onnx.NodeProto) -> bool:

@@ -25,27 +25,17 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from immich_aio.graph_fold import FreshNames, constants, has_subgraphs, prune_initializers
+
 
 def rewrite_prelu(model: onnx.ModelProto) -> int:
     """Rewrite per-channel PRelu nodes as depthwise convolutions, in place; how many were."""
     graph = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+    if has_subgraphs(graph):
         return 0
-    fed = {i.name for i in graph.input}  # an initializer that is also an input is a default a caller may replace
-    init = {t.name: t for t in graph.initializer if t.name not in fed}
+    init = constants(graph)
     producer = {out: node for node in graph.node for out in node.output}
-    names = {t.name for t in graph.initializer} | {x for n in graph.node for x in (*n.input, *n.output)}
-    names |= {n.name for n in graph.node}
-    made = 0
-
-    def fresh(stem: str) -> str:
-        nonlocal made
-        while True:
-            made += 1
-            name = f"{stem}_{made}"
-            if name not in names:
-                names.add(name)
-                return name
+    fresh = FreshNames(graph)
 
     def depthwise(x: str, weights: np.ndarray, out: str, stem: str) -> onnx.NodeProto:
         w = fresh(f"{stem}/w")
@@ -78,10 +68,7 @@ def rewrite_prelu(model: onnx.ModelProto) -> int:
     if count:
         del graph.node[:]
         graph.node.extend(nodes)
-        used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
-        kept = [t for t in graph.initializer if t.name in used or t.name in fed]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        prune_initializers(graph)
     return count
 
 

@@ -38,7 +38,8 @@ LAYERS: list[list[str]] = [
     ["metrics", "imaging", "memory", "access_log", "http_form", "protocol", "names.fetchable", "names.catalog"],
     ["ort_cache", "openvino"],
     ["ort_pack", "mapped_load"],
-    ["store", "models.outputs", "jobs", "graph_fold", "graph_prelu", "onnx_walk"],
+    ["graph_prelu"],
+    ["store", "models.outputs", "jobs", "graph_fold", "onnx_walk"],
     ["errors", "tasks"],
     ["__init__", "adapters", "download", "models", "names"],
 ]
