@@ -59,7 +59,9 @@ from immich_aio.store import file_identity, per_file_folder, sweep_per_file
 log = logging.getLogger(__name__)
 
 FOLDER = ".ort-cache"  # under the model store; the store's task folders never have this name
-FORMAT = 4  # bump when what an entry holds changes (2: ort_pack.READ_ORDER; 3: graph_fold.py; 4: graph_prelu.py)
+# bump when what an entry holds changes (2: ort_pack.READ_ORDER; 3: graph_fold.py; 4: graph_prelu.py; 5: graph_fold's
+# depthwise convolutions)
+FORMAT = 5
 ABOUT = "source.json"
 PACKED = "packed"  # an entry's folder of the same graph with packed weights, made and checked by ort_pack.py
 NOT_PACKED = "not-packed"  # an entry's note of why its packed copy was refused: it is not tried again
@@ -384,13 +386,21 @@ def _rewrites(entry: Path) -> str:
     if said is None:
         return ""
     if isinstance(folded := said["folded"], int) and folded > 0:
-        said_prelu = said.get("prelu")
-        prelu = said_prelu if isinstance(said_prelu, int) and 0 <= said_prelu <= folded else 0
-        parts = [f"{folded - prelu} constant scales and shifts folded into its convolutions"] if folded > prelu else []
-        parts += [f"{prelu} PRelus written as convolutions"] if prelu else []
-        return f" ({', '.join(parts)})"
+        prelu, depthwise = (_count(said.get(key), folded) for key in ("prelu", "depthwise"))
+        if prelu + depthwise > folded:
+            prelu = depthwise = 0  # not what ort_pack.py writes: the total alone
+        kinds = (
+            (folded - prelu - depthwise, "constant scales and shifts folded into its convolutions"),
+            (depthwise, "scales and shifts written as depthwise convolutions"),
+            (prelu, "PRelus written as convolutions"),
+        )
+        return f" ({', '.join(f'{n} {what}' for n, what in kinds if n)})"
     why = said.get("why")
     return f" (not folded: {why})" if isinstance(why, str) and why != "nothing to fold" else ""
+
+
+def _count(value: object, most: int) -> int:
+    return value if isinstance(value, int) and 0 <= value <= most else 0
 
 
 def _note(entry: Path, reason: str) -> None:

@@ -37,7 +37,9 @@ import onnxruntime as ort  # after the package's __init__, which turns ONNX Runt
 
 GRAPH, WEIGHTS = "model.onnx", "weights.bin"  # an entry's files (ort_cache.py)
 READ_ORDER = "read-order.json"  # [[offset, length], ...] of WEIGHTS, in the order a session reads them
-REWRITES = "rewrites.json"  # {"folded": n, "prelu": p} or {"folded": 0, "why": ...}: what was rewritten in the source
+# {"folded": n, "prelu": p, "depthwise": d} or {"folded": 0, "why": ...}: what was rewritten in the source; n counts
+# every rewritten node, p the PRelus and d the scales and shifts written as convolutions of their own among them
+REWRITES = "rewrites.json"
 FOLD_MAX_BYTES = 256 << 20  # a graph rewritten in memory is held several times over (an IResNet-50's 174 MB: 1.2 GB)
 FREE_DIM = 64  # a free dimension's size when the folded graph is checked (a multiple of the detectors' stride)
 BATCHES = (1, 2, 5)  # single, even and above the CPU batch size: the crash seen came at every shape
@@ -126,7 +128,7 @@ def write_read_order(folder: Path) -> None:
 def folded(source: Path) -> tuple[bytes | None, dict[str, object]]:
     """The source graph rewritten (its constant scales and shifts folded, graph_fold.py; its per-channel PRelus as
     convolutions, graph_prelu.py), if anything was and the rewritten graph computes what the source does; else
-    None. The second value says which, for `REWRITES`: "folded" counts every rewrite, "prelu" the PRelus among them.
+    None. The second value says which, for `REWRITES`.
 
     Checked on the values the rewritten nodes write as well as the graph's outputs: each is one the source computes
     under the same name, and comparing those (not only the outputs, which a detector's sigmoid can flatten on random
@@ -147,7 +149,7 @@ def folded(source: Path) -> tuple[bytes | None, dict[str, object]]:
         prelu_outputs = {n.output[0] for n in model.graph.node if n.op_type == "PRelu" and n.output}
         affine = fold_affine(model)
         prelu = rewrite_prelu(model)
-        count = affine + prelu
+        count = affine.nodes + prelu
         if count == 0:
             return None, {"folded": 0, "why": "nothing to fold"}
         data = model.SerializeToString()
@@ -171,7 +173,7 @@ def folded(source: Path) -> tuple[bytes | None, dict[str, object]]:
     if why is not None:
         print(f"not folded: {why}", file=sys.stderr)
         return None, {"folded": 0, "why": why}
-    return data, {"folded": count, "prelu": prelu}
+    return data, {"folded": count, "prelu": prelu, "depthwise": affine.depthwise}
 
 
 def disagreement(source: bytes, rewritten: bytes) -> str | None:

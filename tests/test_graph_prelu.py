@@ -163,7 +163,7 @@ def test_the_cache_child_saves_the_rewritten_graph_and_says_so(tmp_path):
     folder = tmp_path / "entry"
     folder.mkdir()
     assert ort_pack.main(["entry", str(source), str(folder)]) == 0
-    assert json.loads((folder / ort_pack.REWRITES).read_text()) == {"folded": 1, "prelu": 1}
+    assert json.loads((folder / ort_pack.REWRITES).read_text()) == {"folded": 1, "prelu": 1, "depthwise": 0}
     saved = onnx.load(str(folder / ort_pack.GRAPH), load_external_data=False)
     assert ops(saved)["PRelu"] == 0
 
@@ -223,7 +223,7 @@ def test_an_arcface_iresnet50_has_every_prelu_rewritten_and_embeds_the_same(tmp_
     folder = tmp_path / "entry"
     folder.mkdir()
     assert ort_pack.main(["entry", str(source), str(folder)]) == 0
-    assert json.loads((folder / ort_pack.REWRITES).read_text()) == {"folded": 25, "prelu": 25}
+    assert json.loads((folder / ort_pack.REWRITES).read_text()) == {"folded": 25, "prelu": 25, "depthwise": 0}
     faces = RNG.integers(0, 256, (3, 3, 112, 112)).astype(np.float32) / 127.5 - 1
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
