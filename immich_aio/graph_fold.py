@@ -19,7 +19,7 @@ Three rewrites, all exact in real arithmetic (float results move by rounding onl
 
 Measured on this machine (ONNX Runtime 1.31, 2 threads; README, "Memory and runtime settings"): the PP-OCRv5 mobile
 detector at 736×992 and its recogniser at 5×48×320 run in about 0.79 of their time, outputs within 4e-6, by the first
-two rewrites; the third took another 7 % off the detector and 10 % off the recogniser (at 8×48×320).
+two rewrites; the third took another 4 % off the detector and 13 % off the recogniser (at 8×48×320).
 Graphs with subgraphs (`If`, `Loop`, `Scan`) or anything but float32 convolutions are left as they are.
 """
 
