@@ -154,8 +154,7 @@ class _Folder:
             kept_nodes = [n for n in nodes if id(n) not in gone]
             del self.graph.node[:]
             self.graph.node.extend(kept_nodes)
-            prune_initializers(self.graph)
-        elif made:
+        if gone or made:
             prune_initializers(self.graph)
         return Folded(len(gone) + made, made)
 
