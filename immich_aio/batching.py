@@ -14,6 +14,7 @@ request's latency is its own work, not everyone else's.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import heapq
 import itertools
 import threading
@@ -30,24 +31,59 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+# Whether the run this thread is in was granted a narrow part of a slot (RunGate.split): the model runs it on its
+# session of fewer threads. Set by RunGate.slot for the run's own thread only.
+_NARROW: contextvars.ContextVar[bool] = contextvars.ContextVar("narrow_run", default=False)
+
+
+def narrow_run() -> bool:
+    """Whether the current run holds a narrow part of a slot (see RunGate)."""
+    return _NARROW.get()
+
+
+@dataclass
+class _Waiter:
+    priority: int
+    arrival: int
+    turn: threading.Event = field(default_factory=threading.Event)
+    narrow: bool = False  # what it was granted, set before `turn` is
+
+    def __lt__(self, other: _Waiter) -> bool:
+        return (self.priority, self.arrival) < (other.priority, other.arrival)
+
+
 class RunGate:
     """At most `slots` background runs at a time, granted oldest job first; interactive runs pass straight through.
 
     Ordered hand-off matters: with a plain semaphore the model that just finished a run can take the
     slot straight back (its queue is never empty under load) and starve every other model.
+
+    `split` > 1: under a backlog a slot is shared by `split` narrow runs (each on a session with that share of the
+    threads) instead of one wide run. A run granted while nobody else waits is wide, so a lone request keeps every
+    thread; with others waiting, or with part of a slot still busy, it is narrow. Two runs of one thread did a third
+    more work on 2 cores than one run of two (whose threads wait for each other inside every operator), README,
+    "Memory and runtime settings".
     """
 
-    def __init__(self, slots: int, on_wait: Callable[[float], None] | None = None) -> None:
+    def __init__(self, slots: int, on_wait: Callable[[float], None] | None = None, split: int = 1) -> None:
         self.slots = max(1, slots)
-        self._free = self.slots
-        self._waiting: list[tuple[int, int, threading.Event]] = []  # heap of (job seq, arrival, turn)
+        self.split = max(1, split)
+        self._free = self.slots * self.split  # parts: a wide run takes `split` of them, a narrow one takes one
+        self._waiting: list[_Waiter] = []  # heap, oldest job first
         self._arrival = itertools.count()
         self._lock = threading.Lock()
         self._on_wait = on_wait
+        self.wide_grants = 0  # runs granted, by width: for tests and /metrics
+        self.narrow_grants = 0
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def runs(self) -> int:
+        """Runs that may go at once: `slots` wide ones, or `slots * split` narrow ones under a backlog."""
+        return self.slots * self.split
 
     def first_in_line(self, priority: int) -> bool:
         """Whether a run of this priority would be granted next: no one older waits for a slot.
@@ -56,39 +92,80 @@ class RunGate:
         the slot to a younger job and queueing behind that job's run.
         """
         with self._lock:
-            return not self._waiting or self._waiting[0][0] > priority
+            return not self._waiting or self._waiting[0].priority > priority
 
-    def acquire(self, priority: int = 0) -> None:
+    def _grant(self, others_waiting: bool) -> bool | None:
+        """Take the parts of one run, with the lock held: whether it is narrow, or None if none is free."""
+        if self._free >= self.split and not others_waiting:
+            narrow = False
+        elif self._free >= 1 and self.split > 1:
+            narrow = True
+        elif self._free >= self.split:
+            narrow = False
+        else:
+            return None
+        self._free -= 1 if narrow else self.split
+        if narrow:
+            self.narrow_grants += 1
+        else:
+            self.wide_grants += 1
+        return narrow
+
+    def acquire(self, priority: int = 0) -> bool:
+        """Wait for a run's turn; whether it is narrow."""
         with self._lock:
-            if self._free and not self._waiting:
-                self._free -= 1
+            if not self._waiting and (narrow := self._grant(False)) is not None:
                 if self._on_wait is not None:
                     self._on_wait(0.0)
-                return
-            turn = threading.Event()
-            heapq.heappush(self._waiting, (priority, next(self._arrival), turn))
+                return narrow
+            waiter = _Waiter(priority, next(self._arrival))
+            heapq.heappush(self._waiting, waiter)
         started = time.perf_counter()
-        turn.wait()  # the releasing thread hands its slot over directly
+        waiter.turn.wait()  # a releasing thread hands the parts over directly
         if self._on_wait is not None:
             self._on_wait(time.perf_counter() - started)
+        return waiter.narrow
 
-    def release(self) -> None:
+    def release(self, narrow: bool = False) -> None:
         with self._lock:
-            if self._waiting:
-                heapq.heappop(self._waiting)[2].set()
-            else:
-                self._free += 1
+            self._free += 1 if narrow else self.split
+            while self._waiting and (granted := self._grant(len(self._waiting) > 1)) is not None:
+                waiter = heapq.heappop(self._waiting)
+                waiter.narrow = granted
+                waiter.turn.set()
+
+    def widen(self, narrow: bool) -> bool:
+        """For a holder about to run again under its grant: a narrow grant becomes wide when the rest of its slot
+        is free and nobody waits (the backlog is gone). Returns whether it is still narrow."""
+        if not narrow:
+            return False
+        with self._lock:
+            if self._waiting or self._free < self.split - 1:
+                return True
+            self._free -= self.split - 1
+            return False
 
     @contextlib.contextmanager
-    def slot(self, job: Job | None = None) -> Iterator[None]:
+    def slot(self, job: Job | None = None) -> Iterator[Callable[[], None]]:
+        """Hold a run's turn. Yields `widen`: called before each further run under it (Batcher's held runs)."""
         if job is not None and job.interactive:
-            yield
+            yield lambda: None
             return
-        self.acquire(job.seq if job is not None else 0)
+        narrow = self.acquire(job.seq if job is not None else 0)
+        token = _NARROW.set(narrow)
+
+        def widen() -> None:
+            nonlocal narrow, token
+            if narrow and not self.widen(narrow):
+                narrow = False
+                _NARROW.reset(token)
+                token = _NARROW.set(False)
+
         try:
-            yield
+            yield widen
         finally:
-            self.release()
+            _NARROW.reset(token)
+            self.release(narrow)
 
 
 @dataclass(frozen=True)
@@ -228,8 +305,10 @@ class Batcher(Generic[T, R]):
         while (batch := self._take()) is not None:
             job = batch[0].job  # the oldest job in the batch decides its place at the gate
             failed: tuple[list[_Queued[T, R]], Exception] | None = None
-            with self._gate.slot(job if not self._interactive else _INTERACTIVE):
+            with self._gate.slot(job if not self._interactive else _INTERACTIVE) as widen:
                 for run_no in range(self.policy.hold_runs):
+                    if run_no:
+                        widen()  # the backlog may have gone while this grant ran narrow
                     batch = self._still_wanted(batch)  # clients may have left while the batch waited
                     if batch:
                         try:

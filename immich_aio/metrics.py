@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from immich_aio.tasks import TASK_TYPES, Task
@@ -96,11 +96,11 @@ class Metrics:
         if nbytes:
             self.download_bytes.labels(task).inc(nbytes)
 
-    def watch(self, sample: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
-        """Register gauges computed when scraped (queue depths, budget, loaded models)."""
+    def watch(self, sample: Callable[[], Iterable[Metric]]) -> None:
+        """Register figures computed when scraped (queue depths, budget, loaded models, runs by width)."""
 
         class Live:
-            def collect(self) -> Iterable[GaugeMetricFamily]:
+            def collect(self) -> Iterable[Metric]:
                 return sample()
 
         self.registry.register(Live())

@@ -131,6 +131,12 @@ class OrtCache:
         """One folder per source file, whatever its versions: a new entry replaces the old ones in it."""
         return per_file_folder(self.root, source)
 
+    def saved(self, source: Path, providers: Sequence[Any]) -> bool:
+        """Whether this file's optimised copy is written (a session would open it, not the file)."""
+        key = self.key(source, providers)
+        entry = self.folder(source) / key if key is not None else None
+        return entry is not None and any((saved / GRAPH).is_file() for saved in (entry / PACKED, entry))
+
     def session(
         self,
         source: Path,

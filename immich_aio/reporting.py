@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any, TypedDict
 
 import onnxruntime as ort
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from immich_aio import __version__, memory
 from immich_aio.runtime import Runtime
@@ -38,11 +38,14 @@ class LoadedModelInfo(TypedDict):
     preloaded: bool
     ttlSeconds: float
     recentBatchSizes: list[int]
+    narrowSession: bool  # its second session, on fewer threads, for runs under a backlog, is made
 
 
 class ThreadsInfo(TypedDict):
     intraOp: int
     concurrentRuns: int
+    splitRuns: bool  # under a backlog, two runs of `narrowThreads` each share a slot (IMMICH_AIO_SPLIT_RUNS)
+    narrowThreads: int
     requestThreads: int
     maxBatch: int
     decodeBudgetMegapixels: float
@@ -81,7 +84,7 @@ def watch(rt: Runtime) -> None:
     rt.metrics.watch(lambda: live_gauges(rt))
 
 
-def live_gauges(rt: Runtime) -> Iterable[GaugeMetricFamily]:
+def live_gauges(rt: Runtime) -> Iterable[Metric]:
     """What is waiting right now, read when /metrics is scraped."""
     queued = GaugeMetricFamily("immich_aio_queue_depth", "Items waiting for a batched run", labels=["model"])
     loaded = GaugeMetricFamily("immich_aio_models_loaded", "Models loaded now", labels=["task", "type"])
@@ -98,6 +101,14 @@ def live_gauges(rt: Runtime) -> Iterable[GaugeMetricFamily]:
     yield GaugeMetricFamily(
         "immich_aio_run_gate_waiting", "Background runs waiting for a slot", value=rt.factory.gate.waiting
     )
+    runs = CounterMetricFamily(
+        "immich_aio_runs_granted",
+        "Background runs granted, by width (narrow: half a slot, under a backlog)",
+        labels=["width"],
+    )
+    runs.add_metric(["wide"], rt.factory.gate.wide_grants)
+    runs.add_metric(["narrow"], rt.factory.gate.narrow_grants)
+    yield runs
     yield GaugeMetricFamily("immich_aio_requests_in_flight", "Requests admitted and not answered", value=len(rt.jobs))
     yield GaugeMetricFamily(
         "immich_aio_decode_budget_pixels_used",
@@ -123,6 +134,7 @@ def banner(rt: Runtime) -> str:
         + (f" (OpenVINO on {f.openvino_device}, {rt.settings.openvino_precision})" if f.openvino_device else ""),
         f"  model store {rt.store.root}; memory allocator {allocator}{hint}",
         f"  threads: {f.intra_threads} per run, {f.gate.slots} concurrent runs"
+        f"{f' (under a backlog {f.gate.runs} of {f.narrow_threads})' if f.split else ''}"
         f"{' (+1 for OCR)' if f.short_lane else ''}, "
         f"{rt.settings.request_threads} request threads; batches up to {f.batch_size}; "
         f"decode budget {rt.budget.total / 1e6:g} MP",
@@ -178,6 +190,7 @@ def info(rt: Runtime) -> Info:
                 "preloaded": entry.pinned,
                 "ttlSeconds": rt.registry.ttl(spec.task, spec.type),
                 "recentBatchSizes": list(model.batcher.batch_sizes)[-20:] if model.batcher else [],
+                "narrowSession": model.narrow is not None,
             }
         )
     return {
@@ -189,6 +202,8 @@ def info(rt: Runtime) -> Info:
         "threads": {
             "intraOp": rt.factory.intra_threads,
             "concurrentRuns": rt.factory.gate.slots,
+            "splitRuns": rt.factory.split,
+            "narrowThreads": rt.factory.narrow_threads,
             "requestThreads": rt.settings.request_threads,
             "maxBatch": rt.factory.batch_size,
             "decodeBudgetMegapixels": rt.budget.total / 1e6,

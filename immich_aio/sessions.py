@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import onnxruntime as ort
 
-from immich_aio import openvino
+from immich_aio import mapped_load, openvino
 from immich_aio.batching import BatchPolicy, RunGate
 from immich_aio.config import Settings
 from immich_aio.ort_cache import OrtCache, plain_session
@@ -82,7 +82,19 @@ class SessionFactory:
         # two slots let one request's pre/post-processing overlap another's run.
         self.intra_threads = settings.intra_op_threads or (min(cores, 4) if on_cpu else 2)
         slots = settings.concurrent_runs or (max(1, cores // self.intra_threads) if on_cpu else 2)
-        self.gate = RunGate(slots, on_wait=metrics.gate_wait.observe if metrics else None)
+        # IMMICH_AIO_SPLIT_RUNS: under a backlog a slot's threads run two runs of half as many each, on a second
+        # session per model that is only made once such a run comes (README, "Memory and runtime settings")
+        split = (
+            2
+            if on_cpu
+            and self.openvino_device is None
+            and settings.split_runs
+            and not settings.short_runs_lane
+            and self.intra_threads >= 2
+            else 1
+        )
+        self.narrow_threads = self.intra_threads // split
+        self.gate = RunGate(slots, on_wait=metrics.gate_wait.observe if metrics else None, split=split)
         # IMMICH_AIO_SHORT_RUNS_LANE: OCR's chain of short runs, each queued behind CLIP and face runs, gets a slot
         # of its own. In Immich's mix on 2 cores OCR went from 0.65 to 2.15 requests/s, CLIP and faces lost a third:
         # for an OCR backlog (a library's first OCR pass), not the default (README, "Memory and runtime settings").
@@ -114,8 +126,13 @@ class SessionFactory:
 
     @property
     def run_slots(self) -> int:
-        """Runs that may go at once, every lane counted."""
-        return self.gate.slots + (self.short_gate.slots if self.short_lane else 0)
+        """Runs that may go at once, every lane counted (narrow ones under a backlog too)."""
+        return self.gate.runs + (self.short_gate.runs if self.short_lane else 0)
+
+    @property
+    def split(self) -> bool:
+        """Whether a backlog's runs go two to a slot, each on half the threads (IMMICH_AIO_SPLIT_RUNS)."""
+        return self.gate.split > 1
 
     def policy(self, max_size: int | None = None) -> BatchPolicy:
         return BatchPolicy(max_size or self.batch_size, self.settings.batch_max_wait_ms / 1000)
@@ -123,13 +140,13 @@ class SessionFactory:
     def batch_observer(self, name: str) -> Callable[[int], None] | None:
         return self.metrics.batch_observer(name) if self.metrics is not None else None
 
-    def options(self) -> ort.SessionOptions:
+    def options(self, threads: int | None = None) -> ort.SessionOptions:
         s = self.settings
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         opts.enable_cpu_mem_arena = s.model_arena
-        opts.intra_op_num_threads = self.intra_threads
+        opts.intra_op_num_threads = threads or self.intra_threads
         if s.inter_op_threads > 1:
             opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL
             opts.inter_op_num_threads = s.inter_op_threads
@@ -171,15 +188,31 @@ class SessionFactory:
                 out.append(p)
         return out
 
-    def create(self, model: Path | bytes, profile: SessionProfile | None = None) -> ort.InferenceSession:
+    def create(
+        self, model: Path | bytes, profile: SessionProfile | None = None, threads: int | None = None
+    ) -> ort.InferenceSession:
         """A session for a file, or for model bytes derived in memory (never written over the user's file)."""
         profile = profile or SessionProfile()
+        options = functools.partial(self.options, threads)
         if isinstance(model, Path) and self.ort_cache is not None:
-            return self.ort_cache.session(model, self.options, self.provider_list(profile))
+            return self.ort_cache.session(model, options, self.provider_list(profile))
         providers = self.provider_list(profile, model if isinstance(model, Path) else None)
         if isinstance(model, Path):
-            return plain_session(model, self.options, providers)
-        return ort.InferenceSession(model, sess_options=self.options(), providers=providers)
+            return plain_session(model, options, providers)
+        return ort.InferenceSession(model, sess_options=options(), providers=providers)
+
+    def narrow_ready(self, model: Path) -> bool:
+        """Whether a second, narrow session of this file costs little memory: a small file (its copy is a few MB),
+        or a saved optimised copy (both sessions map its weights, so the pages are shared: ViT-B/16 +37 MB).
+        A large file with neither would be packed into memory a second time (+ its whole size)."""
+        if not self.split:
+            return False
+        try:
+            if model.stat().st_size < mapped_load.MIN_FILE_BYTES:
+                return True
+        except OSError:
+            return False
+        return self.ort_cache is not None and self.ort_cache.saved(model, self.provider_list(SessionProfile()))
 
 
 @functools.cache

@@ -324,6 +324,24 @@ def _tree_mb(pid: int | None, *fields: str) -> tuple[float, ...]:
     return tuple(totals[k] / 1024 for k in fields)
 
 
+def pss_mb(pid: int | None) -> float:
+    """Proportional set size of the whole process tree, MB: each resident page divided among the mappings that
+    share it. RSS counts a page once per mapping: immich-aio's two sessions of one model (IMMICH_AIO_SPLIT_RUNS)
+    map the same saved weights, so RSS counts those pages twice though they are in memory once, as PSS and a
+    container's memory count them (so do Immich ML's gunicorn processes' shared pages)."""
+    if pid is None:
+        return float("nan")
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next((int(ln.split()[1]) for ln in f if ln.startswith("Pss:")), 0)
+        except OSError:
+            if p == pid:
+                raise
+    return total / 1024
+
+
 def rss_mb(pid: int | None) -> float:
     """Resident memory of the whole process tree, MB (what a container's memory holds, shared pages counted once
     per process: for a single-process server it is the process's RSS)."""
@@ -347,6 +365,7 @@ class RssMonitor:
         self.phase = "start"
         self.samples: dict[str, list[float]] = defaultdict(list)
         self.anon: dict[str, list[float]] = defaultdict(list)  # anon_mb, sampled with each RSS sample
+        self.pss: dict[str, list[float]] = defaultdict(list)  # pss_mb, likewise
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -365,10 +384,12 @@ class RssMonitor:
             phase = self.phase
             try:
                 rss, anon = _tree_mb(self.pid, "VmRSS", "RssAnon")  # one walk: the two figures of one moment
+                pss = pss_mb(self.pid)
             except OSError:  # the server has exited
                 return
             self.samples[phase].append(rss)
             self.anon[phase].append(anon)
+            self.pss[phase].append(pss)
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {

@@ -12,7 +12,8 @@ text tower, random weights), SCRFD-10G-class + ArcFace-R50-class stand-ins for `
 `PP-OCRv5_mobile` (see scripts/bench_models.py).
 
 Each round starts each server fresh, A then B, and measures, with the whole process tree's RSS (and its anonymous
-part, what the kernel cannot drop: the rest is pages of mapped files) sampled four times a second:
+part, what the kernel cannot drop: the rest is pages of mapped files) and its PSS (each page counted once, as a
+container's memory counts it; RSS counts a page once per mapping) sampled four times a second:
  1. cold: the first request of each task right after start (model load included): CLIP visual, faces,
     OCR, search, in that order; twice, each time after a fresh start: with every file of the model folder
     read into the page cache first ("files in memory", as shortly after the last use) and with all of them
@@ -221,12 +222,14 @@ def one_run(server: Server, images: list[bytes], args: argparse.Namespace, say, 
         time.sleep(args.idle)
         out["idle_rss_mb"] = statistics.median(rss.samples["idle"][-12:])  # its last 3 s: what it settled at
         out["idle_anon_mb"] = statistics.median(rss.anon["idle"][-12:])
+        out["idle_pss_mb"] = statistics.median(rss.pss["idle"][-12:])
         alone = {}
         for t in IMAGE_TASKS:
             rss.phase = f"alone {t}"
             load = Load(base, images, SIDE_ENTRIES)
             load.run([(t, 0)] * 8, args.alone)
-            alone[t] = load.summary(t) | {"peak_rss_mb": max(rss.samples[f"alone {t}"], default=float("nan"))}
+            alone[t] = load.summary(t) | {"peak_rss_mb": max(rss.samples[f"alone {t}"], default=float("nan")),
+                                          "peak_pss_mb": max(rss.pss[f"alone {t}"], default=float("nan"))}  # fmt: skip
         out["alone"] = alone
         rss.phase = "mix"
         mix = Load(base, images, SIDE_ENTRIES)
@@ -234,6 +237,8 @@ def one_run(server: Server, images: list[bytes], args: argparse.Namespace, say, 
         out["mix"] = {t: mix.summary(t) for t in TASKS}
         out["mix_peak_rss_mb"] = max(rss.samples["mix"])
         out["mix_peak_anon_mb"] = max(rss.anon["mix"])
+        out["mix_peak_pss_mb"] = max(rss.pss["mix"])
+        out["peak_pss_mb"] = max(max(v) for v in rss.pss.values() if v)
         out["peak_rss_mb"] = max(max(v) for v in rss.samples.values() if v)
     errors = sum(s["errors"] for s in [*out["alone"].values(), *out["mix"].values()])
     say(f"  {server.name}: idle {out['idle_rss_mb']:.0f} MB ({out['idle_anon_mb']:.0f} anonymous), "
@@ -344,6 +349,13 @@ FIGURES: list[tuple[str, str, object]] = [
     # RSS's anonymous part: what the kernel cannot drop under memory pressure (the rest is mapped files' pages)
     ("idle anonymous RSS (RssAnon), every model loaded", "MB", lambda r: r["idle_anon_mb"]),
     ("Immich mix, peak anonymous RSS (RssAnon)", "MB", lambda r: r["mix_peak_anon_mb"]),
+    # PSS: each page once, shared ones divided among their mappings (immich-aio's two sessions of a model map the
+    # same saved weights, which RSS counts twice; a container's memory counts them once)
+    ("idle PSS, every model loaded", "MB", lambda r: r["idle_pss_mb"]),
+    *[(f"alone at 8 concurrent, {t} peak PSS", "MB", lambda r, t=t: r["alone"][t]["peak_pss_mb"])
+      for t in IMAGE_TASKS],
+    ("Immich mix, peak PSS", "MB", lambda r: r["mix_peak_pss_mb"]),
+    ("peak PSS, any phase (loading included)", "MB", lambda r: r["peak_pss_mb"]),
     ("search under the mix, its model reloaded after the TTL, p50", "ms", lambda r: r["reload"]["p50_ms"]),
 ]  # fmt: skip
 

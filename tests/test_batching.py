@@ -422,20 +422,20 @@ def test_ocr_runs_take_their_own_lane_only_when_asked(make_client, lane):
     client = make_client(IMMICH_AIO_SHORT_RUNS_LANE=str(lane).lower())
     factory = client.app.state.runtime.factory
     assert factory.short_lane == lane
-    assert factory.run_slots == factory.gate.slots + lane
+    assert factory.run_slots == factory.gate.runs + lane
+    assert not (lane and factory.split)  # the lane and split runs are two answers to one backlog: never both
     assert client.app.state.runtime.budget.total == 8_000_000 * factory.run_slots  # the decode budget counts it
     photo = (FIXTURES / "ocr" / "sign.jpg").read_bytes()
     answers: list = []
-    for _ in range(factory.gate.slots):
-        factory.gate.acquire()  # CLIP and face runs holding the machine
+    held = [factory.gate.acquire() for _ in range(factory.gate.slots)]  # CLIP and face runs holding the machine
     try:
         worker = threading.Thread(target=lambda: answers.append(predict(client, OCR_ENTRIES, image=photo)), daemon=True)
         worker.start()
         worker.join(60 if lane else 3)
         assert worker.is_alive() != lane, "the OCR request did not take the lane it was given"
     finally:
-        for _ in range(factory.gate.slots):
-            factory.gate.release()
+        for narrow in held:
+            factory.gate.release(narrow)
     worker.join(60)
     assert not worker.is_alive()
     assert len(answers) == 1 and answers[0].status_code == 200 and answers[0].json()["ocr"]["text"]

@@ -263,10 +263,19 @@ def test_a_request_lets_its_pixels_go_before_it_waits_for_its_recognition_run(ma
 
 
 def test_the_decode_budget_follows_the_concurrent_runs(make_client):
-    """Issue 13: decoded pixels for about three previews per run (one running, two ready), unless set."""
-    for runs, expected in (("1", 8.0), ("3", 24.0)):
-        info = make_client(IMMICH_AIO_CONCURRENT_RUNS=runs).get("/info").json()
-        assert info["threads"]["decodeBudgetMegapixels"] == expected
+    """Issue 13: decoded pixels for about three previews per run (one running, two ready), unless set; a slot
+    split in two under a backlog (IMMICH_AIO_SPLIT_RUNS) runs two at a time."""
+    for runs, split, expected in (("1", "false", 8.0), ("3", "false", 24.0), ("1", "true", 16.0), ("3", "true", 48.0)):
+        info = (
+            make_client(
+                IMMICH_AIO_CONCURRENT_RUNS=runs,
+                IMMICH_AIO_SPLIT_RUNS=split,
+                MACHINE_LEARNING_MODEL_INTRA_OP_THREADS="2",
+            )
+            .get("/info")
+            .json()
+        )
+        assert info["threads"]["decodeBudgetMegapixels"] == expected, (runs, split)
     assert (
         make_client(IMMICH_AIO_DECODE_BUDGET_MP="2.5").get("/info").json()["threads"]["decodeBudgetMegapixels"] == 2.5
     )

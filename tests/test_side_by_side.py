@@ -56,6 +56,30 @@ def test_anonymous_memory_leaves_out_mapped_files(tmp_path):
         child.wait(10)
 
 
+def test_pss_counts_a_file_mapped_twice_once(tmp_path):
+    """Two sessions of one model map the same saved weights: RSS counts those pages once per mapping, PSS (and a
+    container's memory) once."""
+    import select
+
+    data = tmp_path / "weights.bin"
+    data.write_bytes(b"\1" * (96 << 20))
+    code = (
+        "import mmap, sys, time; f = open(sys.argv[1], 'rb'); "
+        "ms = [mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) for _ in range(2)]; "
+        "s = sum(m[i] for m in ms for i in range(0, len(m), 4096)); print('ready', flush=True); time.sleep(60)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(data)], stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], 30)
+        assert ready and child.stdout is not None and child.stdout.readline().strip() == "ready"
+        rss, pss = bench.rss_mb(child.pid), bench.pss_mb(child.pid)
+        assert rss >= 2 * 96  # each mapping's pages counted
+        assert 96 <= pss <= rss - 90  # the file once
+    finally:
+        child.kill()
+        child.wait(10)
+
+
 def test_ratios_are_per_round_then_the_median(monkeypatch):
     monkeypatch.setattr(sbs, "FIGURES", [("idle RSS", "MB", lambda r: r["idle_rss_mb"])])
     runs = {

@@ -98,7 +98,7 @@ class ClipTower(Model):
     task = CLIP
 
     def open_session(self, path: Path, embed_dim: int | None) -> None:
-        self.session = self.factory.create(path)
+        self.session = self.open(path)
         inputs = self.session.get_inputs()
         self.input_names = [i.name for i in inputs]
         self.fixed_batch_1 = inputs[0].shape[0] == 1

@@ -102,7 +102,7 @@ class FaceDetector(Model):
     task, type = FACES, DETECTION
 
     def load(self) -> None:
-        self.session = self.factory.create(self.files["model"])
+        self.session = self.open(self.files["model"])
         outputs = self.session.get_outputs()
         count = len(outputs)
         if count not in (6, 9, 10, 15):
@@ -190,7 +190,7 @@ class FaceRecognizer(Model):
 
     def load(self) -> None:
         path = self.files["model"]
-        self.session = self.factory.create(path)  # first: ONNX Runtime's error names what is wrong with a bad file
+        self.session = self.open(path)  # first: ONNX Runtime's error names what is wrong with a bad file
         try:
             first = leading_node_names(path, 8)
         except (ValueError, IndexError):  # a protobuf this reader does not follow: the library reads it
@@ -227,7 +227,8 @@ class FaceRecognizer(Model):
             halves = session.get_inputs()[0].type == "tensor(float16)"
             probe = np.zeros((2, 3, self.size, self.size), np.float16 if halves else np.float32)
             if session.run(None, {self.input_name: probe})[0].shape[0] == 2:
-                self.session, self.batched = session, True
+                # the file itself has batch 1: no narrow session from it (runs go on this one)
+                self.session, self.batched, self._source = session, True, None
                 return
         except Exception as e:  # a graph with the batch baked into a Reshape: run faces one by one
             log.info("%s keeps batch 1 (%s)", self.name, e)
