@@ -134,7 +134,7 @@ def banner(rt: Runtime) -> str:
         + (f" (OpenVINO on {f.openvino_device}, {rt.settings.openvino_precision})" if f.openvino_device else ""),
         f"  model store {rt.store.root}; memory allocator {allocator}{hint}",
         f"  threads: {f.intra_threads} per run, {f.gate.slots} concurrent runs"
-        f"{f' (under a backlog {f.gate.runs} of {f.narrow_threads})' if f.split else ''}"
+        f"{f' (under a backlog {f.gate.runs} runs of {f.narrow_threads})' if f.split else ''}"
         f"{' (+1 for OCR)' if f.short_lane else ''}, "
         f"{rt.settings.request_threads} request threads; batches up to {f.batch_size}; "
         f"decode budget {rt.budget.total / 1e6:g} MP",

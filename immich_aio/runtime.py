@@ -44,8 +44,10 @@ IDLE_TRIM_S = 2.0
 # without it memory stays at the high-water mark of whatever ran before, e.g. a burst of OCR before the usual
 # mix (README, "Memory and runtime settings"). A purge costs the next runs some page faults: about 1 % at this rate.
 BUSY_TRIM_S = 10.0
-# Decoded pixels per concurrent run: about three 1440-px previews, one in its run and two ready for the
-# next, so the runs never wait for a decode while queued requests hold only their (compressed) upload.
+# Decoded pixels per slot: about three 1440-px previews, one in its run and two ready for the next, so the runs
+# never wait for a decode while queued requests hold only their (compressed) upload. A slot split in two under a
+# backlog (IMMICH_AIO_SPLIT_RUNS) shares its 8: at 8 per run OCR alone at 8 concurrent peaked 70-150 MB higher for
+# no more throughput (README, "Memory and runtime settings").
 DECODE_MP_PER_RUN = 8
 T = TypeVar("T")
 RUNNING_GRACE_S = 30  # after the grace period: how long runs under way may take to end

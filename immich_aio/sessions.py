@@ -126,8 +126,8 @@ class SessionFactory:
 
     @property
     def run_slots(self) -> int:
-        """Runs that may go at once, every lane counted (narrow ones under a backlog too)."""
-        return self.gate.runs + (self.short_gate.runs if self.short_lane else 0)
+        """Slots, every lane counted (a slot split in two under a backlog counts once: see the decode budget)."""
+        return self.gate.slots + (self.short_gate.slots if self.short_lane else 0)
 
     @property
     def split(self) -> bool:

@@ -422,7 +422,7 @@ def test_ocr_runs_take_their_own_lane_only_when_asked(make_client, lane):
     client = make_client(IMMICH_AIO_SHORT_RUNS_LANE=str(lane).lower())
     factory = client.app.state.runtime.factory
     assert factory.short_lane == lane
-    assert factory.run_slots == factory.gate.runs + lane
+    assert factory.run_slots == factory.gate.slots + lane
     assert not (lane and factory.split)  # the lane and split runs are two answers to one backlog: never both
     assert client.app.state.runtime.budget.total == 8_000_000 * factory.run_slots  # the decode budget counts it
     photo = (FIXTURES / "ocr" / "sign.jpg").read_bytes()

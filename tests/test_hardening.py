@@ -263,9 +263,9 @@ def test_a_request_lets_its_pixels_go_before_it_waits_for_its_recognition_run(ma
 
 
 def test_the_decode_budget_follows_the_concurrent_runs(make_client):
-    """Issue 13: decoded pixels for about three previews per run (one running, two ready), unless set; a slot
-    split in two under a backlog (IMMICH_AIO_SPLIT_RUNS) runs two at a time."""
-    for runs, split, expected in (("1", "false", 8.0), ("3", "false", 24.0), ("1", "true", 16.0), ("3", "true", 48.0)):
+    """Issue 13: decoded pixels for about three previews per slot (one running, two ready), unless set; a slot
+    split in two under a backlog (IMMICH_AIO_SPLIT_RUNS) shares its budget (more held its peak higher, no faster)."""
+    for runs, split, expected in (("1", "false", 8.0), ("3", "false", 24.0), ("1", "true", 8.0), ("3", "true", 24.0)):
         info = (
             make_client(
                 IMMICH_AIO_CONCURRENT_RUNS=runs,

@@ -164,7 +164,7 @@ def test_the_split_default_follows_the_cpu_and_the_settings(monkeypatch):
     monkeypatch.setattr("immich_aio.sessions._cpu_count", lambda: 2)
     f = SessionFactory(Settings.from_env({}))
     assert (f.split, f.intra_threads, f.narrow_threads, f.gate.slots, f.gate.runs) == (True, 2, 1, 1, 2)
-    assert f.run_slots == 2  # the decode budget counts both runs of a split slot
+    assert f.run_slots == 1  # the decode budget is per slot, split or not
     for env in (
         {"IMMICH_AIO_SPLIT_RUNS": "false"},
         {"IMMICH_AIO_SHORT_RUNS_LANE": "true"},  # its own answer to an OCR backlog
