@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -32,52 +34,48 @@ def test_memory_counts_the_whole_process_tree():
         parent.wait(10)
 
 
-def test_anonymous_memory_leaves_out_mapped_files(tmp_path):
-    """immich-aio's packed weights are pages of a mapped file, which RSS counts and the kernel can drop; the
-    anonymous part is what it cannot, so it must hold the heap and not the file's pages."""
+@contextlib.contextmanager
+def mapping_child(tmp_path: Path, code: str) -> Iterator[int]:
+    """A child that maps a 96 MB file (`sys.argv[1]`) as `code` says, prints "ready" and sleeps: its pid."""
     import select
 
     data = tmp_path / "weights.bin"
     data.write_bytes(b"\1" * (96 << 20))
-    code = (
-        "import mmap, sys, time; f = open(sys.argv[1], 'rb'); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ); "
-        "s = sum(m[i] for i in range(0, len(m), 4096)); heap = bytearray(64 << 20); heap[::4096] = b'x' * (16 << 10); "
-        "print('ready', flush=True); time.sleep(60)"
-    )
+    code = f"import mmap, sys, time; f = open(sys.argv[1], 'rb'); {code}; print('ready', flush=True); time.sleep(60)"
     child = subprocess.Popen([sys.executable, "-c", code, str(data)], stdout=subprocess.PIPE, text=True)
     try:
         ready, _, _ = select.select([child.stdout], [], [], 30)
         assert ready and child.stdout is not None and child.stdout.readline().strip() == "ready"
-        rss, anon = bench.rss_mb(child.pid), bench.anon_mb(child.pid)
-        assert anon >= 64  # the heap, every page touched
-        assert rss - anon >= 96  # the mapped file's pages are resident, but not anonymous
+        yield child.pid
     finally:
         child.kill()
         child.wait(10)
+
+
+def test_anonymous_memory_leaves_out_mapped_files(tmp_path):
+    """immich-aio's packed weights are pages of a mapped file, which RSS counts and the kernel can drop; the
+    anonymous part is what it cannot, so it must hold the heap and not the file's pages."""
+    code = (
+        "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ); s = sum(m[i] for i in range(0, len(m), 4096)); "
+        "heap = bytearray(64 << 20); heap[::4096] = b'x' * (16 << 10)"
+    )
+    with mapping_child(tmp_path, code) as pid:
+        rss, anon = bench.rss_mb(pid), bench.anon_mb(pid)
+        assert anon >= 64  # the heap, every page touched
+        assert rss - anon >= 96  # the mapped file's pages are resident, but not anonymous
 
 
 def test_pss_counts_a_file_mapped_twice_once(tmp_path):
     """Two sessions of one model map the same saved weights: RSS counts those pages once per mapping, PSS (and a
     container's memory) once."""
-    import select
-
-    data = tmp_path / "weights.bin"
-    data.write_bytes(b"\1" * (96 << 20))
     code = (
-        "import mmap, sys, time; f = open(sys.argv[1], 'rb'); "
         "ms = [mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) for _ in range(2)]; "
-        "s = sum(m[i] for m in ms for i in range(0, len(m), 4096)); print('ready', flush=True); time.sleep(60)"
+        "s = sum(m[i] for m in ms for i in range(0, len(m), 4096))"
     )
-    child = subprocess.Popen([sys.executable, "-c", code, str(data)], stdout=subprocess.PIPE, text=True)
-    try:
-        ready, _, _ = select.select([child.stdout], [], [], 30)
-        assert ready and child.stdout is not None and child.stdout.readline().strip() == "ready"
-        rss, pss = bench.rss_mb(child.pid), bench.pss_mb(child.pid)
+    with mapping_child(tmp_path, code) as pid:
+        rss, pss = bench.rss_mb(pid), bench.pss_mb(pid)
         assert rss >= 2 * 96  # each mapping's pages counted
         assert 96 <= pss <= rss - 90  # the file once
-    finally:
-        child.kill()
-        child.wait(10)
 
 
 def test_ratios_are_per_round_then_the_median(monkeypatch):

@@ -50,6 +50,17 @@ class Holder:
         assert not self.thread.is_alive()
 
 
+def two_narrow(gate: RunGate) -> tuple[Holder, Holder]:
+    """Two runs granted narrow: they wait behind a wide one, then get half the slot each."""
+    blocker = Holder(gate)
+    assert blocker.granted.wait(10)
+    a, b = Holder(gate), Holder(gate)
+    wait_for(lambda: gate.waiting == 2, "two runs waiting")
+    blocker.let_go()
+    assert a.granted.wait(10) and b.granted.wait(10) and a.narrow and b.narrow
+    return a, b
+
+
 def test_a_lone_run_is_wide_and_a_backlog_splits_the_slot():
     gate = RunGate(1, split=2)
     first = Holder(gate)
@@ -77,12 +88,7 @@ def test_a_lone_run_is_wide_and_a_backlog_splits_the_slot():
 
 def test_a_narrow_run_widens_when_the_backlog_is_gone_and_returns_what_it_took():
     gate = RunGate(1, split=2)
-    blocker = Holder(gate)
-    assert blocker.granted.wait(10)
-    a, b = Holder(gate), Holder(gate)
-    wait_for(lambda: gate.waiting == 2, "two runs waiting")
-    blocker.let_go()
-    assert a.granted.wait(10) and b.granted.wait(10) and a.narrow and b.narrow
+    a, b = two_narrow(gate)
     a.widen_now.set()  # the other half is busy: it stays narrow
     wait_for(lambda: a.widened is not None, "a's widen")
     assert a.widened is False
@@ -102,12 +108,7 @@ def test_a_narrow_run_widens_when_the_backlog_is_gone_and_returns_what_it_took()
     assert e.granted.wait(10) and e.narrow is False  # alone in line when the whole slot came back
     e.let_go()
     # a narrow holder whose partner left widens for its next run, and gives the whole slot back after
-    blocker = Holder(gate)
-    assert blocker.granted.wait(10)
-    f, g = Holder(gate), Holder(gate)
-    wait_for(lambda: gate.waiting == 2, "two runs waiting")
-    blocker.let_go()
-    assert f.granted.wait(10) and g.granted.wait(10) and f.narrow and g.narrow
+    f, g = two_narrow(gate)
     g.let_go()
     f.widen_now.set()
     wait_for(lambda: f.widened is not None, "f's widen")
@@ -249,12 +250,7 @@ def _narrow_made(model: Model) -> bool:
     """Ask for the narrow session as a narrow run would, and wait for the thread that makes it."""
     model._narrow_tried = float("-inf")
     gate = RunGate(1, split=2)
-    held = Holder(gate)
-    assert held.granted.wait(10)
-    a, b = Holder(gate), Holder(gate)
-    wait_for(lambda: gate.waiting == 2, "two waiting")
-    held.let_go()
-    assert a.granted.wait(10) and b.granted.wait(10)
+    a, b = two_narrow(gate)
     out: list[list[np.ndarray]] = []
     runner = threading.Thread(target=lambda: _in_narrow_run(gate, model, out))
     a.let_go()
