@@ -134,16 +134,14 @@ class RunGate:
                 waiter.narrow = granted
                 waiter.turn.set()
 
-    def widen(self, narrow: bool) -> bool:
-        """For a holder about to run again under its grant: a narrow grant becomes wide when the rest of its slot
-        is free and nobody waits (the backlog is gone). Returns whether it is still narrow."""
-        if not narrow:
-            return False
+    def _widen(self) -> bool:
+        """For a narrow holder about to run again under its grant: take the rest of its slot if that is free and
+        nobody waits (the backlog is gone). Whether it did."""
         with self._lock:
             if self._waiting or self._free < self.split - 1:
-                return True
+                return False
             self._free -= self.split - 1
-            return False
+            return True
 
     @contextlib.contextmanager
     def slot(self, job: Job | None = None) -> Iterator[Callable[[], None]]:
@@ -156,7 +154,7 @@ class RunGate:
 
         def widen() -> None:
             nonlocal narrow, token
-            if narrow and not self.widen(narrow):
+            if narrow and self._widen():
                 narrow = False
                 _NARROW.reset(token)
                 token = _NARROW.set(False)

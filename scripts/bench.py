@@ -306,18 +306,25 @@ def tree(pid: int) -> list[int]:
     return out
 
 
+SMAPS_FIELDS = {"Pss"}  # read from /proc/<pid>/smaps_rollup; every other field from /proc/<pid>/status
+
+
 def _tree_mb(pid: int | None, *fields: str) -> tuple[float, ...]:
-    """/proc/<pid>/status fields (kB) summed over the process tree, in MB: one walk, each file read once."""
+    """/proc/<pid>/status (and smaps_rollup) fields (kB) summed over the process tree, in MB: one walk, each file read
+    once, so the figures are of one moment."""
     if pid is None:
         return tuple(float("nan") for _ in fields)
     totals = dict.fromkeys(fields, 0)
+    files = [f for f, wanted in (("status", set(fields) - SMAPS_FIELDS), ("smaps_rollup", SMAPS_FIELDS & set(fields)))
+             if wanted]  # fmt: skip
     for p in tree(pid):
         try:
-            with open(f"/proc/{p}/status") as f:
-                for ln in f:
-                    name = ln.split(":", 1)[0]
-                    if name in totals:
-                        totals[name] += int(ln.split()[1])
+            for name in files:
+                with open(f"/proc/{p}/{name}") as f:
+                    for ln in f:
+                        key = ln.split(":", 1)[0]
+                        if key in totals:
+                            totals[key] += int(ln.split()[1])
         except OSError:
             if p == pid:
                 raise
@@ -329,17 +336,7 @@ def pss_mb(pid: int | None) -> float:
     share it. RSS counts a page once per mapping: immich-aio's two sessions of one model (IMMICH_AIO_SPLIT_RUNS)
     map the same saved weights, so RSS counts those pages twice though they are in memory once, as PSS and a
     container's memory count them (so do Immich ML's gunicorn processes' shared pages)."""
-    if pid is None:
-        return float("nan")
-    total = 0
-    for p in tree(pid):
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                total += next((int(ln.split()[1]) for ln in f if ln.startswith("Pss:")), 0)
-        except OSError:
-            if p == pid:
-                raise
-    return total / 1024
+    return _tree_mb(pid, "Pss")[0]
 
 
 def rss_mb(pid: int | None) -> float:
@@ -383,8 +380,7 @@ class RssMonitor:
         while not self._stop.wait(0.25):
             phase = self.phase
             try:
-                rss, anon = _tree_mb(self.pid, "VmRSS", "RssAnon")  # one walk: the two figures of one moment
-                pss = pss_mb(self.pid)
+                rss, anon, pss = _tree_mb(self.pid, "VmRSS", "RssAnon", "Pss")  # one walk: figures of one moment
             except OSError:  # the server has exited
                 return
             self.samples[phase].append(rss)
