@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from immich_aio.batching import Batcher, narrow_run
+from immich_aio.batching import Batcher, RunGate, narrow_run
 from immich_aio.jobs import Job
 from immich_aio.models.outputs import Output
 from immich_aio.payload import Payload
@@ -24,6 +25,8 @@ from immich_aio.store import FileIdentity, file_identity, identity
 from immich_aio.tasks import ModelType, Task
 
 log = logging.getLogger(__name__)
+
+Feeds = dict[str, np.ndarray]  # a run's inputs by name
 
 NARROW_RETRY_S = 30.0  # a large model's narrow session waits for its optimised copy: asked again this often
 
@@ -36,6 +39,9 @@ class Model(ABC):
     # A request of this model makes a chain of short runs (OCR: a detection, then a run per width bucket of
     # text lines): on the CPU they go through a lane of their own instead of queueing behind other models' runs.
     short_runs: bool = False
+    # Runs that need much memory (OCR's detector: 85-115 MB of intermediate tensors for one 736-px photo) go one at
+    # a time, oldest job first, when a backlog splits slots: two at once added their peaks for a sixth more work.
+    solo_runs: bool = False
 
     def __init__(
         self, name: str, files: dict[str, Path], factory: SessionFactory, max_batch: int | None = None
@@ -52,6 +58,7 @@ class Model(ABC):
         self._narrow_lock = threading.Lock()
         self._narrow_tried = -math.inf  # when a narrow session was last asked for (monotonic seconds)
         self.batcher: Batcher | None = None  # set by models whose runs are batched across requests
+        self._solo = RunGate(1) if self.solo_runs and factory.split else None
         self.users = 0  # runs holding this model (kept by the registry)
         self.retired = False  # replaced by a newer installation: closed when its last user is done
 
@@ -105,7 +112,7 @@ class Model(ABC):
             self.narrow = None
             self._source = None
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def infer(self, feeds: Feeds) -> list[np.ndarray]:
         """Run the session (the narrow one in a narrow run, once it exists); fp16 models whose inputs are fp16 too
         get cast inputs and float32 outputs."""
         session = self.session
@@ -160,13 +167,20 @@ class Model(ABC):
                 self.narrow = narrow
                 log.debug("%s: narrow session ready (%d threads)", self.name, self.factory.narrow_threads)
 
-    def run(self, feeds: dict[str, np.ndarray], job: Job) -> list[np.ndarray]:
-        """One unbatched run, through the shared gate in job order."""
+    def run(self, feeds: Feeds | Callable[[], Feeds], job: Job) -> list[np.ndarray]:
+        """One unbatched run, through the shared gate in job order.
+
+        `feeds` may be a function that makes the inputs once the run has its slot: a detector's float input is 4x
+        the bytes of the uint8 image it is made from, and under a backlog many requests wait with theirs.
+        """
         job.check()  # nobody is waiting for it any more: don't spend the cores
-        with self.factory.gate_for(self.short_runs).slot(job):
+        with (
+            self._solo.slot(job) if self._solo is not None else contextlib.nullcontext(),
+            self.factory.gate_for(self.short_runs).slot(job),
+        ):
             job.check()  # the client may have left while this run waited for its slot
             job.ran = True
-            return self.infer(feeds)
+            return self.infer(feeds() if callable(feeds) else feeds)
 
     def providers(self) -> list[str]:
         return list(self.session.get_providers()) if self.session is not None else []

@@ -116,17 +116,26 @@ class FaceDetector(Model):
 
     @staticmethod
     def prepare(image: np.ndarray) -> tuple[np.ndarray, float]:
-        """RGB image -> the detector's 1×3×640×640 input and the letterbox scale."""
+        """RGB image -> the 3×640×640 uint8 letterboxed canvas (a quarter of the float input, kept while the run
+        waits for its slot) and the letterbox scale."""
         canvas, scale = letterbox(image)
-        return ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None], scale
+        return np.ascontiguousarray(canvas.transpose(2, 0, 1)), scale
+
+    @staticmethod
+    def blob(planes: np.ndarray) -> np.ndarray:
+        """The detector's 1×3×640×640 float input, (x - 127.5) / 128, made in place: one float copy at a time."""
+        blob = planes.astype(np.float32)
+        blob -= 127.5
+        blob /= 128.0
+        return blob[None]
 
     def detect(self, image: np.ndarray, min_score: float, job: Job | None = None) -> DetectedFaces:
-        blob, scale = self.prepare(image)
-        return self.find(blob, scale, min_score, job or Job())
+        planes, scale = self.prepare(image)
+        return self.find(planes, scale, min_score, job or Job())
 
-    def find(self, blob: np.ndarray, scale: float, min_score: float, job: Job) -> DetectedFaces:
-        """Run the detector on a prepared input and decode its boxes, scores and landmarks."""
-        outs = self.run({self.input_name: blob}, job)
+    def find(self, planes: np.ndarray, scale: float, min_score: float, job: Job) -> DetectedFaces:
+        """Run the detector on a prepared canvas and decode its boxes, scores and landmarks."""
+        outs = self.run(lambda: {self.input_name: self.blob(planes)}, job)
         outs = [o[0] if o.ndim == 3 else o for o in outs]  # tolerate a leading batch axis
         boxes, scores, points = [], [], []
         for level, stride in enumerate(self.strides):
@@ -151,9 +160,9 @@ class FaceDetector(Model):
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> DetectedFaces:
         min_score = option_float(options, "minScore", 0.7, 0.0, 1.0)
-        blob, scale = self.prepare(payload.image)
+        planes, scale = self.prepare(payload.image)
         payload.done_with_image()  # a detection-only request needs no more of it
-        return self.find(blob, scale, min_score, payload.job)
+        return self.find(planes, scale, min_score, payload.job)
 
     def response(self, output: DetectedFaces, options: dict[str, Any]) -> dict[str, Any]:
         return {
