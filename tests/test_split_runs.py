@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, OCR_ENTRIES, loaded_model, predict, wait_for
-from face_models import make_arcface
+from conftest import OCR_ENTRIES, SIGN, loaded_model, predict, split_ocr_server, wait_for
+from face_models import BareRecognizer, make_arcface
 
 from immich_aio import mapped_load
 from immich_aio.batching import Batcher, BatchPolicy, RunGate, narrow_run
@@ -178,18 +178,9 @@ def test_the_split_default_follows_the_cpu_and_the_settings(monkeypatch):
     assert (f.intra_threads, f.narrow_threads, f.gate.slots, f.gate.runs) == (4, 2, 4, 8)
 
 
-SIGN = (FIXTURES / "ocr" / "sign.jpg").read_bytes()
-
-
 def test_under_a_backlog_ocr_runs_narrow_on_a_second_session_with_the_same_answers(make_client):
-    client = make_client(
-        IMMICH_AIO_SPLIT_RUNS="true", MACHINE_LEARNING_MODEL_INTRA_OP_THREADS="2", MACHINE_LEARNING_REQUEST_THREADS="8"
-    )
-    runtime = client.app.state.runtime
+    client, runtime, lone = split_ocr_server(make_client)
     gate = runtime.factory.gate
-    assert runtime.factory.split
-    lone = predict(client, OCR_ENTRIES, image=SIGN)
-    assert lone.status_code == 200 and lone.json()["ocr"]["text"]
     rec = loaded_model(runtime, "recognition", "ocr")
     det = loaded_model(runtime, "detection", "ocr")
     assert gate.narrow_grants == 0 and rec.narrow is None  # a lone request: wide, and no second session
@@ -239,16 +230,6 @@ class Counted:
         return getattr(self.session, name)
 
 
-class _Tiny(Model):
-    task, type = "facial-recognition", "recognition"
-
-    def load(self) -> None:
-        self.session = self.open(self.files["model"])
-
-    def predict(self, payload, options):  # pragma: no cover - not used
-        raise NotImplementedError
-
-
 def _narrow_made(model: Model) -> bool:
     """Ask for the narrow session as a narrow run would, and wait for the thread that makes it."""
     model._narrow_tried = float("-inf")
@@ -284,7 +265,7 @@ def test_a_large_model_gets_a_narrow_session_only_from_its_saved_copy(tmp_path, 
     assert f.split or os.cpu_count() == 1
     monkeypatch.setattr(f, "narrow_threads", 1)
     monkeypatch.setattr(f.gate, "split", 2)
-    model = _Tiny("buffalo_l", {"model": path}, f)
+    model = BareRecognizer("buffalo_l", {"model": path}, f)
     model.load()
     assert not f.narrow_ready(path) and not _narrow_made(model)  # no copy yet: the run went on the wide session
     assert f.ort_cache is not None and f.ort_cache.wait_written(180)
@@ -300,14 +281,14 @@ def test_a_narrow_session_is_never_made_from_a_replaced_file_nor_kept_after_clos
     f = SessionFactory(Settings.from_env({"MACHINE_LEARNING_CACHE_FOLDER": str(tmp_path), "IMMICH_AIO_ORT_CACHE": "0"}))
     monkeypatch.setattr(f, "narrow_threads", 1)
     monkeypatch.setattr(f.gate, "split", 2)
-    model = _Tiny("buffalo_l", {"model": path}, f)
+    model = BareRecognizer("buffalo_l", {"model": path}, f)
     model.load()
     other = make_arcface(tmp_path / "b" / "model.onnx", seed=2)
     os.replace(other, path)  # a reinstall: the registry loads the new file as a model of its own
     assert not _narrow_made(model)  # never two versions of a model in one
     real = f.create
     for meanwhile in ("replaced", "closed"):
-        model = _Tiny("buffalo_l", {"model": path}, f)
+        model = BareRecognizer("buffalo_l", {"model": path}, f)
         model.load()
         made = threading.Event()
 
