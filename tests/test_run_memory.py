@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from conftest import OCR_ENTRIES, SIGN, loaded_model, predict, split_ocr_server, wait_for
+from conftest import OCR_ENTRIES, SIGN, loaded_model, predict, runs_waiting, split_ocr_server, wait_for
 from face_models import BareRecognizer, make_arcface
 
 from immich_aio.config import Settings
@@ -95,7 +95,7 @@ def test_under_a_backlog_ocr_detections_run_one_at_a_time_beside_other_runs(make
         pending = [pool.submit(predict, client, OCR_ENTRIES, image=SIGN) for _ in range(6)]
         try:
             # at least two detections waiting (as many as the decode budget lets in): at the gate or for their turn
-            wait_for(lambda: gate.waiting + (det._solo.waiting if det._solo else 0) >= 2, "a backlog", 30)
+            wait_for(lambda: runs_waiting(runtime, det) >= 2, "a backlog", 30)
         finally:
             gate.release(held)
         answers = [p.result(60) for p in pending]
