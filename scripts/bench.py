@@ -101,9 +101,12 @@ def percentile(values: list[float], q: float) -> float:
 # --- raw ONNX Runtime ---------------------------------------------------------------------------
 
 
-def raw_throughput(store: Path, images: list[bytes], seconds: float) -> tuple[dict[str, float], dict[str, float]]:
+def raw_throughput(
+    store: Path, images: list[bytes], seconds: float, providers: list | None = None
+) -> tuple[dict[str, float], dict[str, float]]:
     """Each task's models run directly by ONNX Runtime on prepared tensors: items per second, and the mean
-    milliseconds of one image's runs (one text's, for search)."""
+    milliseconds of one image's runs (one text's, for search). `providers`: ONNX Runtime's, CPU by default
+    (scripts/gpu_check.py passes CUDA's)."""
     import onnxruntime as ort
 
     from immich_aio.config import Settings
@@ -118,7 +121,7 @@ def raw_throughput(store: Path, images: list[bytes], seconds: float) -> tuple[di
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
     def session(path: Path) -> ort.InferenceSession:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
     def rate(fn, items_per_call: float) -> float:
         fn()
