@@ -221,6 +221,7 @@ class Settings:
     ocr_default_model: str = "PP-OCRv6_small"
     ocr_max_side: int = 2560
     ocr_max_batch: int = 16
+    ocr_device: str = "auto"  # auto: the CPU on a CUDA host (SessionFactory.ocr_on_cpu), else the models' device
     face_max_batch: int = 0  # 0: 8 on the CPU, 32 with a GPU (SessionFactory.face_batch)
     clip_aliases: dict[str, str] = field(default_factory=dict)
     batch_max_size: int = 0  # 0: 4 on CPU, 16 with CUDA
@@ -298,6 +299,7 @@ class Settings:
             ),
             ocr_max_side=env.integer("IMMICH_AIO_OCR_MAX_SIDE", cls.ocr_max_side, 256, 16384),
             ocr_max_batch=env.integer("MACHINE_LEARNING_MAX_BATCH_SIZE__OCR", cls.ocr_max_batch, 1, 1024),
+            ocr_device=env.choice("IMMICH_AIO_OCR_DEVICE", cls.ocr_device, ("auto", "cpu", "gpu")),
             face_max_batch=env.integer(
                 "MACHINE_LEARNING_MAX_BATCH_SIZE__FACIAL_RECOGNITION", cls.face_max_batch, 0, 1024
             ),

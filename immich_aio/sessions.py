@@ -35,9 +35,15 @@ OPENVINO = openvino.PROVIDER
 
 @dataclass(frozen=True)
 class SessionProfile:
-    """Per-model knobs: dynamic input shapes want cuDNN's heuristic search, not a re-tune per shape."""
+    """Per-model knobs.
+
+    dynamic_shapes: input shapes change from run to run (batches across requests, image-dependent sizes), so cuDNN
+    picks convolution algorithms by heuristic: its exhaustive search runs again for every new shape.
+    cpu: the CPU provider even where the others run on a GPU (OCR on a CUDA host: SessionFactory.ocr_on_cpu).
+    """
 
     dynamic_shapes: bool = False
+    cpu: bool = False
 
 
 class SessionFactory:
@@ -81,6 +87,14 @@ class SessionFactory:
         # once, so concurrent requests never oversubscribe the CPU. With CUDA the GPU does the work and
         # two slots let one request's pre/post-processing overlap another's run.
         self.intra_threads = settings.intra_op_threads or (min(cores, 4) if on_cpu else 2)
+        # OCR on the CPU of a CUDA host (IMMICH_AIO_OCR_DEVICE=auto): PP-OCR's inputs change shape with every photo
+        # and every batch of lines, and on CUDA each new shape costs far more than the run (README, "GPU hosts
+        # (NVIDIA)": measured on an H200, OCR took 1.8 s a photo on CUDA). Its runs get CPU threads and a gate
+        # of their own, so they never hold a GPU run's slot.
+        self.ocr_on_cpu = not self.cpu_only and (
+            settings.ocr_device == "cpu" or (settings.ocr_device == "auto" and self.on_cuda)
+        )
+        self.cpu_threads = (settings.intra_op_threads or min(cores, 4)) if self.ocr_on_cpu else self.intra_threads
         slots = settings.concurrent_runs or (max(1, cores // self.intra_threads) if on_cpu else 2)
         # IMMICH_AIO_SPLIT_RUNS: under a backlog a slot's threads run two runs of half as many each, on a second
         # session per model that is only made once such a run comes (README, "Memory and runtime settings")
@@ -101,6 +115,10 @@ class SessionFactory:
         self.short_gate = (
             RunGate(1, on_wait=metrics.gate_wait.observe if metrics else None)
             if on_cpu and settings.short_runs_lane and not settings.concurrent_runs
+            else RunGate(
+                max(1, cores // self.cpu_threads - 1), on_wait=metrics.gate_wait.observe if metrics else None
+            )  # a core's worth left for decoding and feeding the GPU
+            if self.ocr_on_cpu
             else self.gate
         )
         self.batch_size = settings.batch_max_size or (4 if on_cpu else 16)
@@ -140,7 +158,8 @@ class SessionFactory:
     def batch_observer(self, name: str) -> Callable[[int], None] | None:
         return self.metrics.batch_observer(name) if self.metrics is not None else None
 
-    def options(self, threads: int | None = None) -> ort.SessionOptions:
+    def options(self, threads: int | None = None, cpu: bool = False) -> ort.SessionOptions:
+        """`cpu`: for a CPU-provider session on a GPU host (SessionProfile.cpu)."""
         s = self.settings
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -150,8 +169,8 @@ class SessionFactory:
         # the CPU, one thread, per run: as fast without it, with a lower peak (OCR recogniser 16 lines 96 vs 144 MB,
         # OCR detector 114 vs 152 MB, CLIP ViT-B/16 at 4 images 26 vs 40 MB; ArcFace 84 vs 80) - and two runs go
         # side by side under a backlog (README, "Memory and runtime settings").
-        opts.enable_mem_pattern = not self.cpu_only
-        opts.intra_op_num_threads = threads or self.intra_threads
+        opts.enable_mem_pattern = not (self.cpu_only or cpu)
+        opts.intra_op_num_threads = threads or (self.cpu_threads if cpu else self.intra_threads)
         if s.inter_op_threads > 1:
             opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL
             opts.inter_op_num_threads = s.inter_op_threads
@@ -166,6 +185,8 @@ class SessionFactory:
     def provider_list(
         self, profile: SessionProfile, source: Path | None = None
     ) -> list[str | tuple[str, dict[str, str]]]:
+        if profile.cpu:
+            return [CPU]
         out: list[str | tuple[str, dict[str, str]]] = []
         for p in self.providers:
             if p == CUDA:
@@ -198,7 +219,7 @@ class SessionFactory:
     ) -> ort.InferenceSession:
         """A session for a file, or for model bytes derived in memory (never written over the user's file)."""
         profile = profile or SessionProfile()
-        options = functools.partial(self.options, threads)
+        options = functools.partial(self.options, threads, profile.cpu)
         if isinstance(model, Path) and self.ort_cache is not None:
             return self.ort_cache.session(model, options, self.provider_list(profile))
         providers = self.provider_list(profile, model if isinstance(model, Path) else None)

@@ -23,6 +23,7 @@ from immich_aio.jobs import Job
 from immich_aio.models.base import Model
 from immich_aio.payload import Payload
 from immich_aio.protocol import vector_string
+from immich_aio.sessions import SessionProfile
 from immich_aio.tasks import CLIP, TEXTUAL, VISUAL
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -98,7 +99,7 @@ class ClipTower(Model):
     task = CLIP
 
     def open_session(self, path: Path, embed_dim: int | None) -> None:
-        self.session = self.open(path)
+        self.session = self.open(path, SessionProfile(dynamic_shapes=True))  # batches of 1 to 16 across requests
         inputs = self.session.get_inputs()
         self.input_names = [i.name for i in inputs]
         self.fixed_batch_1 = inputs[0].shape[0] == 1

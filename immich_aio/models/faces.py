@@ -22,6 +22,7 @@ from immich_aio.models.outputs import DetectedFaces, RecognisedFaces
 from immich_aio.onnx_walk import messages
 from immich_aio.payload import Payload
 from immich_aio.protocol import option_float, vector_string
+from immich_aio.sessions import SessionProfile
 from immich_aio.tasks import DETECTION, FACES, RECOGNITION
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,9 @@ class FaceRecognizer(Model):
 
     def load(self) -> None:
         path = self.files["model"]
-        self.session = self.open(path)  # first: ONNX Runtime's error names what is wrong with a bad file
+        # first: ONNX Runtime's error names what is wrong with a bad file. Dynamic: a run's faces come from one or
+        # several photos, so its batch size changes from run to run
+        self.session = self.open(path, SessionProfile(dynamic_shapes=True))
         try:
             first = leading_node_names(path, 8)
         except (ValueError, IndexError):  # a protobuf this reader does not follow: the library reads it

@@ -117,7 +117,8 @@ class OcrDetector(Model):
         from rapidocr.ch_ppocr_det.utils import DBPostProcess
 
         self._post = DBPostProcess
-        self.session = self.open(self.files["model"], SessionProfile(dynamic_shapes=True))
+        profile = SessionProfile(dynamic_shapes=True, cpu=self.factory.ocr_on_cpu)
+        self.session = self.open(self.files["model"], profile)
         self.input_name = self.session.get_inputs()[0].name
 
     def predict(self, payload: Payload, options: dict[str, Any]) -> TextBoxes:
@@ -166,7 +167,8 @@ class OcrRecognizer(Model):
     def load(self) -> None:
         from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
 
-        self.session = self.open(self.files["model"], SessionProfile(dynamic_shapes=True))
+        profile = SessionProfile(dynamic_shapes=True, cpu=self.factory.ocr_on_cpu)
+        self.session = self.open(self.files["model"], profile)
         self.input_name = self.session.get_inputs()[0].name
         chars = charset(self.files["model"], self.session.get_modelmeta().custom_metadata_map)
         classes = self.session.get_outputs()[0].shape[-1]
