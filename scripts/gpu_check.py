@@ -1,8 +1,10 @@
 """Checks immich-aio on an NVIDIA GPU, against itself on the CPU and against raw ONNX Runtime on CUDA.
 
-    python scripts/gpu_check.py --store DIR --json out.json > out.md   # needs onnxruntime-gpu and a GPU
+    python scripts/gpu_check.py --json out.json > out.md     # ~5 minutes; needs the [gpu] extra and a GPU
+    python scripts/gpu_check.py --store ./models             # your own models (Immich's names resolve as served)
 
-The store holds the benchmark's models (scripts/bench_models.py makes them). Phases, one run:
+Without --store it makes the benchmark's stand-in models once (scripts/bench_models.py: needs the test
+dependencies, torch among them). Phases, one run:
  1. the same requests to a CUDA server and a CPU-only server (IMMICH_AIO_PROVIDERS=CPUExecutionProvider):
     CLIP and search vectors (cosine), faces (count, box, vector), OCR (text, box);
  2. the CUDA server's GPU memory with every model loaded, and how many processes hold the GPU;
@@ -277,7 +279,8 @@ def load_cycles(store: Path, images: list[bytes], cycles: int) -> dict[str, obje
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", type=Path, required=True, help="model store with the benchmark's models")
+    ap.add_argument("--store", type=Path, help="model store (default: a work folder with stand-in models)")
+    ap.add_argument("--work-dir", type=Path, default=bench.ROOT / ".bench")
     ap.add_argument("--seconds", type=float, default=15, help="seconds of each load phase")
     ap.add_argument("--raw", type=float, default=4, help="seconds per raw ONNX Runtime measurement")
     ap.add_argument("--cycles", type=int, default=3, help="load/unload cycles")
@@ -288,6 +291,17 @@ def main() -> int:
     )
     args = ap.parse_args()
     import onnxruntime as ort
+
+    if CUDA in args.providers.split(",") and CUDA not in ort.get_available_providers():
+        ap.error(
+            f"this ONNX Runtime has no CUDA ({', '.join(ort.get_available_providers())}): install the [gpu] extra; "
+            "--providers CPUExecutionProvider tries the script without a GPU"
+        )
+    if args.store is None:
+        from bench_models import ensure
+
+        args.store = args.work_dir / "models"
+        ensure(args.store)
 
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     images = bench.previews()
@@ -306,6 +320,10 @@ def main() -> int:
         gpu, gpu_pid = stack.enter_context(bench.server(args.store, None, under_test))
         info = httpx.get(gpu + "/info", timeout=30).json()
         res["server_providers"], res["threads"] = info["providers"], info["threads"]
+        if info["providers"][0] != providers[0]:
+            raise SystemExit(
+                f"the server runs on {info['providers']}, not {providers[0]}: start `immich-aio` to read why in its log"
+            )
         with bench.server(args.store, None, cpu_env) as (cpu, _):
             res["parity"] = parity(gpu, cpu, images)
         say("2/4 GPU memory, every model loaded")
