@@ -96,6 +96,17 @@ def test_on_an_intel_gpu_it_gets_a_gpu_budget_and_its_compiled_models_are_kept(t
     assert "cache_dir" not in _options(factory, None)  # a graph made in memory has no file to key it by
 
 
+def test_ocr_stays_on_an_intel_gpu_unless_named_for_the_cpu(tmp_path, with_intel_gpu):
+    """IMMICH_AIO_OCR_DEVICE=auto moves OCR off CUDA only (measured there); `cpu` moves it off an Intel GPU too."""
+    auto = SessionFactory(settings_for(tmp_path / "store"))
+    assert auto.openvino_device == "GPU.0" and not auto.ocr_on_cpu and auto.gate_for(True) is auto.gate
+    named = SessionFactory(settings_for(tmp_path / "store", IMMICH_AIO_OCR_DEVICE="cpu"))
+    assert named.ocr_on_cpu and named.gate_for(True) is not named.gate
+    assert named.provider_list(SessionProfile(dynamic_shapes=True, cpu=True)) == [CPU]
+    [(name, _), _] = named.provider_list(SessionProfile(dynamic_shapes=True))
+    assert name == OPENVINO
+
+
 def test_compiled_models_are_kept_per_model_version_and_swept_when_gone(tmp_path, with_intel_gpu):
     store = tmp_path / "store"
     model = store / "clip" / "m" / "visual" / "model.onnx"
