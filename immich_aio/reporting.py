@@ -49,6 +49,8 @@ class ThreadsInfo(TypedDict):
     requestThreads: int
     maxBatch: int
     decodeBudgetMegapixels: float
+    ocrOnCpu: bool  # OCR's runs on the CPU of a GPU host, `ocrRuns` at once (IMMICH_AIO_OCR_DEVICE)
+    ocrRuns: int
 
 
 class AutoFetchInfo(TypedDict):
@@ -135,10 +137,15 @@ def banner(rt: Runtime) -> str:
         f"  model store {rt.store.root}; memory allocator {allocator}{hint}",
         f"  threads: {f.intra_threads} per run, {f.gate.slots} concurrent runs"
         f"{f' (under a backlog {f.gate.runs} runs of {f.narrow_threads})' if f.split else ''}"
-        f"{' (+1 for OCR)' if f.short_lane else ''}, "
+        f"{' (+1 for OCR)' if f.short_lane and not f.ocr_on_cpu else ''}, "
         f"{rt.settings.request_threads} request threads; batches up to {f.batch_size}; "
         f"decode budget {rt.budget.total / 1e6:g} MP",
     ]
+    if f.ocr_on_cpu:
+        lines.append(
+            f"  OCR on the CPU: {f.cpu_threads} threads per run, {f.gate_for(True).slots} runs at once, beside the "
+            "GPU's (IMMICH_AIO_OCR_DEVICE=gpu runs it on the GPU: README, 'GPU hosts (NVIDIA)')"
+        )
     for task, resolver in rt.registry.resolvers.items():
         by_model: dict[tuple[str, str], set[str]] = {}
         for name, entry in resolver.explain().items():
@@ -207,6 +214,8 @@ def info(rt: Runtime) -> Info:
             "requestThreads": rt.settings.request_threads,
             "maxBatch": rt.factory.batch_size,
             "decodeBudgetMegapixels": rt.budget.total / 1e6,
+            "ocrOnCpu": rt.factory.ocr_on_cpu,
+            "ocrRuns": rt.factory.gate_for(True).slots,
         },
         "modelStore": str(rt.store.root),
         "models": sorted(models, key=lambda m: (m["task"], m["type"], m["name"])),

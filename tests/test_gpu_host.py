@@ -7,6 +7,8 @@ CUDA host unless IMMICH_AIO_OCR_DEVICE=gpu; and models whose batches vary get cu
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from conftest import OCR_ENTRIES, SIGN, loaded_model, predict, settings_for
 from face_models import install_pack
@@ -68,7 +70,7 @@ def test_a_bad_ocr_device_is_refused_at_start(tmp_path):
         settings_for(tmp_path, IMMICH_AIO_OCR_DEVICE="cuda")
 
 
-def test_each_model_opens_with_its_profile_on_a_cuda_host(make_client, store, cuda_host, monkeypatch):
+def test_each_model_opens_with_its_profile_on_a_cuda_host(make_client, store, cuda_host, monkeypatch, caplog):
     """OCR on the CPU; CLIP and face recognition, whose batches vary across requests, with cuDNN's heuristic; the
     face detector, always one 640×640 photo, with the exhaustive search that pays once."""
     install_pack(store)
@@ -81,8 +83,11 @@ def test_each_model_opens_with_its_profile_on_a_cuda_host(make_client, store, cu
         return open_(self, path, profile)  # ONNX Runtime's CPU build serves what names CUDA
 
     monkeypatch.setattr(Model, "open", spy)
-    client = make_client()
+    with caplog.at_level(logging.INFO):
+        client = make_client()
     runtime = client.app.state.runtime
+    assert "OCR on the CPU: 4 threads per run, 3 runs at once" in caplog.text
+    assert "(+1 for OCR)" not in caplog.text
     assert runtime.factory.on_cuda and runtime.factory.ocr_on_cpu
     for entries in (OCR_ENTRIES, FACES, CLIP):
         assert predict(client, entries, image=SIGN).status_code == 200
@@ -94,6 +99,7 @@ def test_each_model_opens_with_its_profile_on_a_cuda_host(make_client, store, cu
     assert _cudnn_search(f, opened[("clip", "visual")]) == "HEURISTIC"
     # /info says where each model runs
     info = client.get("/info").json()
+    assert (info["threads"]["ocrOnCpu"], info["threads"]["ocrRuns"], info["threads"]["concurrentRuns"]) == (True, 3, 2)
     by_type = {(m["task"], m["type"]): m for m in info["models"]}
     assert by_type[("ocr", "detection")]["providers"] == [CPU]
     assert loaded_model(runtime, "detection", "ocr").session.get_providers() == [CPU]
