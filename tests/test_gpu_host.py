@@ -8,6 +8,7 @@ CUDA host unless IMMICH_AIO_OCR_DEVICE=gpu; and models whose batches vary get cu
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 from conftest import OCR_ENTRIES, SIGN, loaded_model, predict, settings_for
@@ -16,6 +17,7 @@ from immich_clip_models import install
 
 from immich_aio import sessions
 from immich_aio.models.base import Model
+from immich_aio.ort_cache import OrtCache
 from immich_aio.sessions import CPU, CUDA, SessionFactory, SessionProfile
 
 FACES = {
@@ -56,6 +58,7 @@ def test_ocr_runs_on_the_cpu_of_a_cuda_host_with_cpu_threads_and_a_gate_of_its_o
 def test_named_gpu_ocr_stays_on_cuda_and_a_cpu_host_is_unchanged(tmp_path, cuda_host, monkeypatch):
     gpu = SessionFactory(settings_for(tmp_path, IMMICH_AIO_OCR_DEVICE="gpu"))
     assert gpu.on_cuda and not gpu.ocr_on_cpu and gpu.gate_for(True) is gpu.gate
+    assert gpu.ort_cache is None  # no CPU session to keep optimised copies for
     assert _cudnn_search(gpu, SessionProfile(dynamic_shapes=True, cpu=False)) == "HEURISTIC"
     monkeypatch.setattr(sessions.ort, "get_available_providers", lambda: [CPU])
     cpu = SessionFactory(settings_for(tmp_path, IMMICH_AIO_OCR_DEVICE="cpu"))
@@ -83,6 +86,14 @@ def test_each_model_opens_with_its_profile_on_a_cuda_host(make_client, store, cu
         return open_(self, path, profile)  # ONNX Runtime's CPU build serves what names CUDA
 
     monkeypatch.setattr(Model, "open", spy)
+    cached: list[Path] = []
+    cache_session = OrtCache.session
+
+    def cache_spy(self, source, options, providers):
+        cached.append(source)
+        return cache_session(self, source, options, providers)
+
+    monkeypatch.setattr(OrtCache, "session", cache_spy)
     with caplog.at_level(logging.INFO):
         client = make_client()
     runtime = client.app.state.runtime
@@ -97,6 +108,8 @@ def test_each_model_opens_with_its_profile_on_a_cuda_host(make_client, store, cu
     assert _cudnn_search(f, opened[("facial-recognition", "detection")]) == "EXHAUSTIVE"
     assert _cudnn_search(f, opened[("facial-recognition", "recognition")]) == "HEURISTIC"
     assert _cudnn_search(f, opened[("clip", "visual")]) == "HEURISTIC"
+    # OCR's CPU sessions open through the optimised-model cache (its folded graphs, faster loads); CUDA's never do
+    assert f.ort_cache is not None and len(cached) == 2 and not any(store in p.parents for p in cached)
     # /info says where each model runs
     info = client.get("/info").json()
     assert (info["threads"]["ocrOnCpu"], info["threads"]["ocrRuns"], info["threads"]["concurrentRuns"]) == (True, 3, 2)
