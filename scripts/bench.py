@@ -111,8 +111,6 @@ def raw_throughput(
 
     from immich_aio.config import Settings
     from immich_aio.imaging import decode_image
-    from immich_aio.jobs import Job
-    from immich_aio.payload import Payload
     from immich_aio.runtime import build_resolvers
     from immich_aio.sessions import SessionFactory
     from immich_aio.store import ModelStore
@@ -205,18 +203,7 @@ def raw_throughput(
     orec = resolvers["ocr"].resolve("recognition", ENTRIES["ocr"]["ocr"]["recognition"]["modelName"]).build()
     odet.load()
     orec.load()
-    from immich_aio.models.ocr import crop_quad, detector_input_size
-
-    jobs = []
-    for a in arrays:
-        h, w = detector_input_size(*a.shape[:2], 736, 2560)
-        import cv2
-
-        bgr = cv2.cvtColor(a, cv2.COLOR_RGB2BGR)
-        blob = ((cv2.resize(bgr, (w, h)).astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None]
-        found = odet.predict(Payload(Job(), image=a), {"minScore": 0.5, "maxResolution": 736})
-        lines = [orec.prepare_line(c) for q in found.quads if (c := crop_quad(bgr, q)) is not None]
-        jobs.append((blob, lines))
+    jobs = ocr_inputs(odet, orec, arrays)
     so, sl = session(odet.files["model"]), session(orec.files["model"])
 
     def ocr_image(blob, lines):
@@ -234,6 +221,25 @@ def raw_throughput(
     odet.close()
     orec.close()
     return out, single
+
+
+def ocr_inputs(odet, orec, arrays: list[np.ndarray]) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """Per image (RGB), the loaded OCR detector's input at its run size and the recogniser's line tensors, made as
+    the server makes them, with Immich's default options."""
+    import cv2
+
+    from immich_aio.jobs import Job
+    from immich_aio.models.ocr import crop_quad, detector_blob, detector_input_size
+    from immich_aio.payload import Payload
+
+    out = []
+    for a in arrays:
+        h, w = detector_input_size(*a.shape[:2], 736, 2560)
+        bgr = cv2.cvtColor(a, cv2.COLOR_RGB2BGR)
+        blob = detector_blob(np.ascontiguousarray(cv2.resize(bgr, (w, h)).transpose(2, 0, 1)))
+        found = odet.predict(Payload(Job(), image=a), {"minScore": 0.5, "maxResolution": 736})
+        out.append((blob, [orec.prepare_line(c) for q in found.quads if (c := crop_quad(bgr, q)) is not None]))
+    return out
 
 
 # --- server and load ----------------------------------------------------------------------------

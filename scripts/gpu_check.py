@@ -87,6 +87,10 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def _box(face: dict) -> np.ndarray:
+    return np.array([face["boundingBox"][k] for k in ("x1", "y1", "x2", "y2")])
+
+
 def compare(task: str, gpu: dict, cpu: dict) -> dict[str, float]:
     """How far the CUDA answer is from the CPU one."""
     if task in ("clip", "search"):
@@ -94,13 +98,10 @@ def compare(task: str, gpu: dict, cpu: dict) -> dict[str, float]:
     if task == "face":
         g, c = gpu["facial-recognition"], cpu["facial-recognition"]
         out = {"count_diff": abs(len(g) - len(c)), "min_cos": 1.0, "box_px": 0.0}
-        for face in g:  # each CUDA face against the CPU face whose box is nearest
-            box = np.array([face["boundingBox"][k] for k in ("x1", "y1", "x2", "y2")])
-            if not c:
-                break
-            near = min(c, key=lambda f: np.abs(box - [f["boundingBox"][k] for k in ("x1", "y1", "x2", "y2")]).max())
-            other = np.array([near["boundingBox"][k] for k in ("x1", "y1", "x2", "y2")])
-            out["box_px"] = max(out["box_px"], float(np.abs(box - other).max()))
+        for face in g if c else ():  # each CUDA face against the CPU face whose box is nearest
+            box = _box(face)
+            near = min(c, key=lambda f: np.abs(box - _box(f)).max())
+            out["box_px"] = max(out["box_px"], float(np.abs(box - _box(near)).max()))
             out["min_cos"] = min(out["min_cos"], cosine(vector(face["embedding"]), vector(near["embedding"])))
         return out
     g, c = gpu["ocr"], cpu["ocr"]
@@ -153,14 +154,10 @@ def shape_costs(store: Path, images: list[bytes], seconds: float) -> dict[str, d
     4 CPU threads; with ONNX Runtime's warnings about slow paths counted."""
     import tempfile
 
-    import cv2
     import onnxruntime as ort
 
     from immich_aio.config import Settings
     from immich_aio.imaging import decode_image
-    from immich_aio.jobs import Job
-    from immich_aio.models.ocr import crop_quad, detector_blob, detector_input_size
-    from immich_aio.payload import Payload
     from immich_aio.runtime import build_resolvers
     from immich_aio.sessions import SessionFactory
     from immich_aio.store import ModelStore
@@ -174,16 +171,12 @@ def shape_costs(store: Path, images: list[bytes], seconds: float) -> dict[str, d
     frec = resolvers["facial-recognition"].resolve("recognition", bench.FACE_NAME).build()
     odet.load()
     orec.load()
-    det_feeds, lines = [], []
-    for a in arrays:
-        h, w = detector_input_size(*a.shape[:2], 736, 2560)
-        bgr = cv2.cvtColor(a, cv2.COLOR_RGB2BGR)
-        det_feeds.append(detector_blob(np.ascontiguousarray(cv2.resize(bgr, (w, h)).transpose(2, 0, 1))))
-        found = odet.predict(Payload(Job(), image=a), {"minScore": 0.5, "maxResolution": 736})
-        lines += [orec.prepare_line(c) for q in found.quads if (c := crop_quad(bgr, q)) is not None]
+    inputs = bench.ocr_inputs(odet, orec, arrays)
+    det_feeds = [blob for blob, _ in inputs]
     by_width: dict[int, list[np.ndarray]] = {}
-    for ln in lines:
-        by_width.setdefault(ln.shape[2], []).append(ln)
+    for _, lines in inputs:
+        for ln in lines:
+            by_width.setdefault(ln.shape[2], []).append(ln)
     rec_feeds = [np.stack(g[:n]) for g in by_width.values() for n in range(1, len(g) + 1)]  # (batch, width)
     rng = np.random.default_rng(0)
     face_feeds = [rng.standard_normal((n, 3, 112, 112), dtype=np.float32) for n in range(1, 9)]
