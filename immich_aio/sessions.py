@@ -108,19 +108,19 @@ class SessionFactory:
             else 1
         )
         self.narrow_threads = self.intra_threads // split
-        self.gate = RunGate(slots, on_wait=metrics.gate_wait.observe if metrics else None, split=split)
-        # IMMICH_AIO_SHORT_RUNS_LANE: OCR's chain of short runs, each queued behind CLIP and face runs, gets a slot
-        # of its own. In Immich's mix on 2 cores OCR went from 0.65 to 2.15 requests/s, CLIP and faces lost a third:
-        # for an OCR backlog (a library's first OCR pass), not the default (README, "Memory and runtime settings").
-        self.short_gate = (
-            RunGate(1, on_wait=metrics.gate_wait.observe if metrics else None)
-            if on_cpu and settings.short_runs_lane and not settings.concurrent_runs
-            else RunGate(
-                max(1, cores // self.cpu_threads - 1), on_wait=metrics.gate_wait.observe if metrics else None
-            )  # a core's worth left for decoding and feeding the GPU
-            if self.ocr_on_cpu
-            else self.gate
-        )
+        on_wait = metrics.gate_wait.observe if metrics else None
+        self.gate = RunGate(slots, on_wait=on_wait, split=split)
+        # OCR's short runs (OcrDetector/OcrRecognizer.short_runs) go through `short_gate`, the shared gate unless:
+        self.short_gate = self.gate
+        if on_cpu and settings.short_runs_lane and not settings.concurrent_runs:
+            # IMMICH_AIO_SHORT_RUNS_LANE: OCR's chain of short runs, each queued behind CLIP and face runs, gets a
+            # slot of its own. In Immich's mix on 2 cores OCR went from 0.65 to 2.15 requests/s, CLIP and faces lost
+            # a third: for an OCR backlog (a library's first OCR pass), not the default (README, "Memory and runtime
+            # settings").
+            self.short_gate = RunGate(1, on_wait=on_wait)
+        elif self.ocr_on_cpu:
+            # OCR on the CPU of a GPU host: its own runs, a core's worth left for decoding and feeding the GPU
+            self.short_gate = RunGate(max(1, cores // self.cpu_threads - 1), on_wait=on_wait)
         self.batch_size = settings.batch_max_size or (4 if on_cpu else 16)
         # Faces per recognition run. On the CPU batching saves an IResNet-50 at most 4 % (CPU time per face 181 ms
         # alone, 176 at 8, 173 at 32), while each face in a run holds about 10 MB of activations at its peak: at 32,
@@ -221,9 +221,10 @@ class SessionFactory:
         """A session for a file, or for model bytes derived in memory (never written over the user's file)."""
         profile = profile or SessionProfile()
         options = functools.partial(self.options, threads, profile.cpu)
-        if isinstance(model, Path) and self.ort_cache is not None and (self.cpu_only or profile.cpu):
-            return self.ort_cache.session(model, options, self.provider_list(profile))
         providers = self.provider_list(profile, model if isinstance(model, Path) else None)
+        # the cache keeps CPU-provider graphs only (ort_cache.py): every session on a CPU-only host, OCR's on a GPU one
+        if isinstance(model, Path) and self.ort_cache is not None and providers == [CPU]:
+            return self.ort_cache.session(model, options, providers)
         if isinstance(model, Path):
             return plain_session(model, options, providers)
         return ort.InferenceSession(model, sess_options=options(), providers=providers)
