@@ -19,6 +19,7 @@ small model's copy costs little).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -54,9 +55,16 @@ PACKED_INPUT = {b"MatMul": 1, b"Gemm": 1, b"Conv": 1}
 
 
 def session(
-    source: Path, options: Callable[[], ort.SessionOptions], providers: Sequence[Any]
+    source: Path,
+    options: Callable[[], ort.SessionOptions],
+    providers: Sequence[Any],
+    walked: Callable[[], object] | None = None,
 ) -> ort.InferenceSession | None:
-    """The session with the file's packable weights mapped, or None where the usual load is the one to use."""
+    """The session with the file's packable weights mapped, or None where the usual load is the one to use.
+
+    `walked` is called once the graph has been read, before ONNX Runtime builds the session (where the caller asks
+    for the whole file): asked for first, the disk read the file front to back and the walk waited behind it for
+    each tensor's header."""
     if sys.platform != "linux" or any(p != CPU for p in providers):
         return None
     try:
@@ -70,6 +78,7 @@ def session(
             return None
         read = stat_identity(info)
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buf:
+            _random_access(buf)
             graph, mapped = graph_with_mapped_weights(buf, path.name)
     except (OSError, ValueError, IndexError, BufferError) as e:  # not a protobuf this walk follows: the usual load
         log.debug("%s: loading its weights by copy (%s)", source, e)
@@ -78,6 +87,8 @@ def session(
         os.close(fd)
     if not mapped:
         return None
+    if walked is not None:
+        walked()
     opts = options()
     opts.add_session_config_entry(FOLDER_KEY, str(path.parent))
     try:
@@ -95,6 +106,15 @@ def session(
     return built
 
 
+def _random_access(buf: mmap.mmap) -> None:
+    """The walk reads one tensor header after another across the file: told so, the kernel reads each header's
+    page alone rather than the 128 KB around it (paged out, the ViT-B/16's walk took 59-100 ms instead of
+    276-353 ms; README, "Memory and runtime settings")."""
+    if hasattr(mmap, "MADV_RANDOM"):
+        with contextlib.suppress(OSError):
+            buf.madvise(mmap.MADV_RANDOM)
+
+
 def graph_with_mapped_weights(buf: Buffer, location: str) -> tuple[bytes, int]:
     """The model's protobuf with each packable weight's bytes replaced by where they lie in the file (`location`,
     the file's name beside the graph), and how many bytes that is. Every other field is kept as written, copied
@@ -103,26 +123,32 @@ def graph_with_mapped_weights(buf: Buffer, location: str) -> tuple[bytes, int]:
     view = memoryview(buf)
     pieces: list[bytes | memoryview] = []
     graph: list[bytes | memoryview] = []
-    mapped = 0
+    mapped = kept = 0
+
+    def keep(piece: bytes | memoryview, into: list[bytes | memoryview]) -> None:
+        nonlocal kept
+        kept += len(piece)
+        if kept > MAX_GRAPH_BYTES:  # said as soon as it shows: the rest of the file is not walked for nothing
+            raise ValueError(f"its graph keeps over {MAX_GRAPH_BYTES >> 20} MB in itself")
+        into.append(piece)
+
     try:
         for f in walk.fields(0, len(buf)):
             if f.number != MODEL_GRAPH or f.wire != LENGTH_DELIMITED:
-                pieces.append(view[f.start : f.end])
+                keep(view[f.start : f.end], pieces)
                 continue
             packable = _packable_inputs(walk, f.value, f.end)
             graph.clear()
             for g in walk.fields(f.value, f.end):
                 tensor = _mapped_tensor(walk, g, location, packable) if g.number == GRAPH_INITIALIZER else None
                 if tensor is None:
-                    graph.append(view[g.start : g.end])
+                    keep(view[g.start : g.end], graph)
                 else:
-                    graph.append(length_field(GRAPH_INITIALIZER, tensor[0]))
+                    keep(length_field(GRAPH_INITIALIZER, tensor[0]), graph)
                     mapped += tensor[1]
-            pieces.append(encode_varint(MODEL_GRAPH << 3 | LENGTH_DELIMITED))
-            pieces.append(encode_varint(sum(len(p) for p in graph)))
+            size = sum(len(p) for p in graph)
+            keep(encode_varint(MODEL_GRAPH << 3 | LENGTH_DELIMITED) + encode_varint(size), pieces)
             pieces.extend(graph)
-        if (size := sum(len(p) for p in pieces)) > MAX_GRAPH_BYTES:
-            raise ValueError(f"its graph keeps {size >> 20} MB in itself (over {MAX_GRAPH_BYTES >> 20} MB)")
         return b"".join(pieces), mapped
     finally:
         pieces.clear()  # the views into a mapped file go before the file is closed, an error's traceback or not

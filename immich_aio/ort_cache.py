@@ -441,8 +441,12 @@ def plain_session(
     source: Path, options: Callable[[], ort.SessionOptions], providers: Sequence[Any]
 ) -> ort.InferenceSession:
     """The session from the model's own file, as without the cache (and where there is none), read ahead whole;
-    on the CPU with its large weights packed from the file where they lie (mapped_load.py), not copied first."""
-    read_ahead_file(source)
-    return mapped_load.session(source, options, providers) or ort.InferenceSession(
-        str(source), sess_options=options(), providers=providers
-    )
+    on the CPU with its large weights packed from the file where they lie (mapped_load.py), not copied first: the
+    file is asked for once that walk has found them, so that its reads do not queue behind the whole file's."""
+    asked: list[object] = []
+    mapped = mapped_load.session(source, options, providers, walked=lambda: asked.append(read_ahead_file(source)))
+    if mapped is not None:
+        return mapped
+    if not asked:
+        read_ahead_file(source)
+    return ort.InferenceSession(str(source), sess_options=options(), providers=providers)
