@@ -86,7 +86,9 @@ class SessionFactory:
         # Thread budget: each background run gets `intra_threads` cores and at most `slots` runs go at
         # once, so concurrent requests never oversubscribe the CPU. With CUDA the GPU does the work and
         # two slots let one request's pre/post-processing overlap another's run.
-        self.intra_threads = settings.intra_op_threads or (min(cores, 4) if on_cpu else 2)
+        # A CPU run's threads: every run on a CPU host, OCR's on a GPU host (below)
+        self.cpu_threads = settings.intra_op_threads or min(cores, 4)
+        self.intra_threads = self.cpu_threads if on_cpu else (settings.intra_op_threads or 2)
         # OCR on the CPU of a CUDA host (IMMICH_AIO_OCR_DEVICE=auto): PP-OCR's inputs change shape with every photo
         # and every batch of lines, and on CUDA each new shape costs far more than the run (README, "GPU hosts
         # (NVIDIA)": measured on an H200, OCR took 1.8 s a photo on CUDA). Its runs get CPU threads and a gate
@@ -94,7 +96,6 @@ class SessionFactory:
         self.ocr_on_cpu = not self.cpu_only and (
             settings.ocr_device == "cpu" or (settings.ocr_device == "auto" and self.on_cuda)
         )
-        self.cpu_threads = (settings.intra_op_threads or min(cores, 4)) if self.ocr_on_cpu else self.intra_threads
         slots = settings.concurrent_runs or (max(1, cores // self.intra_threads) if on_cpu else 2)
         # IMMICH_AIO_SPLIT_RUNS: under a backlog a slot's threads run two runs of half as many each, on a second
         # session per model that is only made once such a run comes (README, "Memory and runtime settings")

@@ -199,10 +199,7 @@ def raw_throughput(
     rec.close()
 
     # OCR: detector at its input size + recogniser on each image's lines
-    odet = resolvers["ocr"].resolve("detection", ENTRIES["ocr"]["ocr"]["detection"]["modelName"]).build()
-    orec = resolvers["ocr"].resolve("recognition", ENTRIES["ocr"]["ocr"]["recognition"]["modelName"]).build()
-    odet.load()
-    orec.load()
+    odet, orec = ocr_models(resolvers)
     jobs = ocr_inputs(odet, orec, arrays)
     so, sl = session(odet.files["model"]), session(orec.files["model"])
 
@@ -221,6 +218,15 @@ def raw_throughput(
     odet.close()
     orec.close()
     return out, single
+
+
+def ocr_models(resolvers: dict) -> tuple:
+    """The benchmark's OCR detector and recogniser (ENTRIES), loaded by the server's own resolvers."""
+    odet = resolvers["ocr"].resolve("detection", ENTRIES["ocr"]["ocr"]["detection"]["modelName"]).build()
+    orec = resolvers["ocr"].resolve("recognition", ENTRIES["ocr"]["ocr"]["recognition"]["modelName"]).build()
+    odet.load()
+    orec.load()
+    return odet, orec
 
 
 def ocr_inputs(odet, orec, arrays: list[np.ndarray]) -> list[tuple[np.ndarray, list[np.ndarray]]]:

@@ -166,11 +166,8 @@ def shape_costs(store: Path, images: list[bytes], seconds: float) -> dict[str, d
     settings = Settings.from_env(env)
     resolvers = build_resolvers(settings, ModelStore(store), SessionFactory(settings))
     arrays = [decode_image(b, 10**9) for b in images]
-    odet = resolvers["ocr"].resolve("detection", bench.ENTRIES["ocr"]["ocr"]["detection"]["modelName"]).build()
-    orec = resolvers["ocr"].resolve("recognition", bench.ENTRIES["ocr"]["ocr"]["recognition"]["modelName"]).build()
+    odet, orec = bench.ocr_models(resolvers)
     frec = resolvers["facial-recognition"].resolve("recognition", bench.FACE_NAME).build()
-    odet.load()
-    orec.load()
     inputs = bench.ocr_inputs(odet, orec, arrays)
     det_feeds = [blob for blob, _ in inputs]
     by_width: dict[int, list[np.ndarray]] = {}
