@@ -25,6 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from immich_aio import priority
 from immich_aio.jobs import Job
 
 T = TypeVar("T")
@@ -300,6 +301,8 @@ class Batcher(Generic[T, R]):
                     return batch
 
     def _loop(self) -> None:
+        if not self._interactive:
+            priority.background()  # the backlog yields the cores to a search (priority.py)
         while (batch := self._take()) is not None:
             job = batch[0].job  # the oldest job in the batch decides its place at the gate
             failed: tuple[list[_Queued[T, R]], Exception] | None = None

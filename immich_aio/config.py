@@ -229,6 +229,7 @@ class Settings:
     concurrent_runs: int = 0  # 0: cores // intra-op threads on CPU, 2 with CUDA
     short_runs_lane: bool = False  # CPU: OCR's short runs get a slot of their own beside concurrent_runs
     split_runs: bool = True  # CPU: under a backlog two runs of half the threads share a slot (SessionFactory)
+    background_nice: int = 10  # how much lower the backlog's threads run than a search's (priority.py)
     keepalive_s: float = 2.0
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
@@ -309,6 +310,7 @@ class Settings:
             concurrent_runs=env.integer("IMMICH_AIO_CONCURRENT_RUNS", cls.concurrent_runs, 0, 256),
             short_runs_lane=env.boolean("IMMICH_AIO_SHORT_RUNS_LANE", cls.short_runs_lane),
             split_runs=env.boolean("IMMICH_AIO_SPLIT_RUNS", cls.split_runs),
+            background_nice=env.integer("IMMICH_AIO_BACKGROUND_NICE", cls.background_nice, 0, 19),
             keepalive_s=env.number("MACHINE_LEARNING_HTTP_KEEPALIVE_TIMEOUT_S", cls.keepalive_s, 0.1, 3600),
             header_timeout_s=env.number("IMMICH_AIO_HEADER_TIMEOUT_S", cls.header_timeout_s, 0.1, 3600),
             body_timeout_s=env.number("IMMICH_AIO_BODY_TIMEOUT_S", cls.body_timeout_s, 0.1, 3600),

@@ -29,6 +29,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from immich_aio import priority
 from immich_aio.errors import BadRequest, PayloadTooLarge, ServiceUnavailable, UndecodableImage
 from immich_aio.jobs import Job
 
@@ -120,7 +121,7 @@ def to_array(image: Image.Image) -> np.ndarray:
 
 
 SPLIT_RESIZE_PIXELS = 1 << 20  # smaller images resize in a few milliseconds on one thread
-_resize_helper = ThreadPoolExecutor(1, thread_name_prefix="resize")
+_resize_helper = ThreadPoolExecutor(1, thread_name_prefix="resize", initializer=priority.background)
 _resize_helper_free = threading.Lock()
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from immich_aio import priority
 from immich_aio.errors import ModelLoadError, PredictError
 from immich_aio.memory import trim
 from immich_aio.models.base import Model, ModelSpec, Resolver
@@ -88,10 +88,11 @@ class ModelRegistry:
         self._listener = listener or (lambda event, key, seconds: None)
         self._slots: dict[tuple[str, str, str], _Slot] = {}
         self._lock = threading.Lock()
-        # model loads are rare: one at a time, on CPU time no request wants
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="describe", initializer=_lowest_priority)
-        # a request's later models, loaded while its first one loads and runs (load_ahead)
-        self._loader = ThreadPoolExecutor(2, thread_name_prefix="load-ahead")
+        # model loads are rare: one at a time, on CPU time no request wants (nice 19)
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="describe", initializer=priority.lowest)
+        # a request's later models, loaded while its first one loads and runs (load_ahead): an image request's, so
+        # at background priority, as the sessions' threads it makes will be
+        self._loader = ThreadPoolExecutor(2, thread_name_prefix="load-ahead", initializer=priority.background)
         self._ahead: dict[tuple[str, str, str], Future[Model]] = {}
 
     def resolve(self, task: Task, type_: ModelType, requested: str) -> ModelSpec:
@@ -312,9 +313,3 @@ class ModelRegistry:
                 for slot in self._slots.values()
                 if slot.model is not None and slot.spec is not None
             ]
-
-
-def _lowest_priority() -> None:
-    """This thread at nice 19 (Linux sets it per thread): hashing a tower never slows a request's run."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)

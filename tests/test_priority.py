@@ -1,0 +1,173 @@
+"""The backlog's threads run at a lower CPU priority than a person's search (priority.py).
+
+What is checked is where each thread's nice value comes from: the threads that build and run the image models
+(request pool, their batchers, the sessions they build, which ONNX Runtime's own threads inherit from) are raised
+by IMMICH_AIO_BACKGROUND_NICE, and the threads that build and run a text tower are not, preloaded or not. What
+that does to a search's time under the mix is measured by scripts/bench.py and scripts/side_by_side.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from cnclip_ref import install_tiny, tiny_model
+from conftest import FIXTURES, OCR_ENTRIES, predict, wait_for
+
+from immich_aio import priority
+from immich_aio.batching import Batcher, BatchPolicy, RunGate
+from immich_aio.jobs import Job
+from immich_aio.models.base import Model
+from immich_aio.sessions import SessionFactory
+from immich_aio.store import ModelStore
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+
+TEXT = {"clip": {"textual": {"modelName": "ViT-B-32__openai"}}}
+VISUAL = {"clip": {"visual": {"modelName": "ViT-B-32__openai"}}}
+PHOTO = (FIXTURES / "ocr" / "sign.jpg").read_bytes()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(seed=11)
+
+
+@pytest.fixture(autouse=True)
+def _restore_setting():
+    yield
+    priority.configure(0)
+
+
+def in_new_thread(fn):
+    """fn's result, computed on a thread of its own (a thread's nice value cannot be lowered again)."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(fn()))
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive()
+    return out[0]
+
+
+def test_background_raises_the_calling_thread_only():
+    base = priority.nice()
+    assert base is not None
+    priority.configure(7)
+
+    def raised():
+        priority.background()
+        return priority.nice()
+
+    assert in_new_thread(raised) == min(19, base + 7)
+    assert priority.nice() == base  # the thread that asked for nothing is as it was
+    priority.configure(0)
+    assert in_new_thread(raised) == base
+    priority.configure(50)  # capped
+    assert in_new_thread(raised) == 19
+
+
+def test_a_refusal_is_logged_once_and_the_thread_goes_on(monkeypatch, caplog):
+    def refuse(*_args):
+        raise PermissionError("not here")
+
+    monkeypatch.setattr(priority.os, "setpriority", refuse)
+    monkeypatch.setattr(priority, "_refused", False)
+    priority.configure(5)
+    with caplog.at_level(logging.INFO, logger="immich_aio.priority"):
+        for _ in range(3):
+            in_new_thread(priority.background)
+    said = [r.getMessage() for r in caplog.records if r.name == "immich_aio.priority"]
+    assert len(said) == 1 and "not here" in said[0]
+
+
+@pytest.mark.parametrize("interactive", [False, True])
+def test_a_batchers_thread_has_its_lanes_priority(interactive):
+    base = priority.nice()
+    assert base is not None
+    priority.configure(4)
+    batcher = Batcher(
+        lambda items: [priority.nice() for _ in items], BatchPolicy(), RunGate(1), interactive=interactive, name="t"
+    )
+    try:
+        ran_at = batcher.submit("x", Job(interactive=interactive)).result(30)
+    finally:
+        batcher.close()
+    assert ran_at == (base if interactive else base + 4)
+
+
+def test_image_work_runs_below_a_search_end_to_end(store, make_client, tiny, monkeypatch):
+    """Every build and run of the image models at +N (the CLIP tower loads ahead and runs in its batcher, OCR's
+    detector runs on the request's thread), every one of the text tower at the search's priority."""
+    base = priority.nice()
+    assert base is not None
+    seen: list[tuple[str, str, int | None]] = []
+    create, infer = SessionFactory.create, Model.infer
+
+    def recording_create(self, model, *args, **kwargs):
+        seen.append(("build", Path(str(model)).parent.name, priority.nice()))
+        return create(self, model, *args, **kwargs)
+
+    def recording_infer(self, feeds):
+        seen.append(("run", self.type, priority.nice()))
+        return infer(self, feeds)
+
+    monkeypatch.setattr(SessionFactory, "create", recording_create)
+    monkeypatch.setattr(Model, "infer", recording_infer)
+    install_tiny(ModelStore(store), tiny)
+    client = make_client(IMMICH_AIO_BACKGROUND_NICE="6", IMMICH_AIO_ORT_CACHE="false")
+    for _ in range(2):
+        assert predict(client, TEXT, text="海边的日落").status_code == 200
+        assert predict(client, VISUAL, image=PHOTO).status_code == 200
+        assert predict(client, OCR_ENTRIES, image=PHOTO).status_code == 200
+    text = {nice for what, type_, nice in seen if type_ == "textual"}
+    image = {nice for what, type_, nice in seen if type_ != "textual"}
+    assert ("run", "detection", base + 6) in seen
+    assert {what for what, type_, _ in seen if type_ == "textual"} == {"build", "run"}
+    assert {what for what, type_, _ in seen if type_ == "visual"} == {"build", "run"}
+    assert text == {base} and image == {base + 6}, seen
+
+
+def test_preloaded_text_towers_load_on_the_search_lane(store, make_client, tiny, monkeypatch):
+    base = priority.nice()
+    assert base is not None
+    built: list[tuple[str, int | None]] = []
+    create = SessionFactory.create
+
+    def recording_create(self, model, *args, **kwargs):
+        built.append((Path(str(model)).parent.name, priority.nice()))
+        return create(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(SessionFactory, "create", recording_create)
+    install_tiny(ModelStore(store), tiny)
+    make_client(
+        IMMICH_AIO_BACKGROUND_NICE="3",
+        IMMICH_AIO_ORT_CACHE="false",
+        MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL="ViT-B-32__openai",
+        MACHINE_LEARNING_PRELOAD__CLIP__VISUAL="ViT-B-32__openai",
+    )
+    wait_for(lambda: {name for name, _ in built} >= {"textual", "visual"}, "both towers preloaded", 60)
+    assert dict(built) == {"textual": base, "visual": base + 3}, built
+
+
+def test_the_resize_helper_and_the_load_ahead_pool_run_in_the_background(tmp_path):
+    """Both pools start their threads on first use, so this runs in a fresh process."""
+    code = (
+        "from immich_aio import priority, imaging\n"
+        "from immich_aio.registry import ModelRegistry\n"
+        "priority.configure(5)\n"
+        "base = priority.nice()\n"
+        "print(imaging._resize_helper.submit(priority.nice).result() - base)\n"
+        "registry = ModelRegistry({}, 300)\n"
+        "print(registry._loader.submit(priority.nice).result() - base)\n"
+        "print(registry._hasher.submit(priority.nice).result())\n"
+        "registry.close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.split() == ["5", "5", "19"], done.stderr
