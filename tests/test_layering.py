@@ -40,7 +40,7 @@ LAYERS: list[list[str]] = [
     ["ort_pack", "mapped_load"],
     ["graph_prelu"],
     ["store", "models.outputs", "jobs", "graph_fold", "onnx_walk"],
-    ["errors", "tasks"],
+    ["errors", "tasks", "priority"],
     ["__init__", "adapters", "download", "models", "names"],
 ]
 
