@@ -11,8 +11,8 @@ other at the same nice value.
 Linux keeps a nice value per thread, and a thread starts with its creator's; an unprivileged process can raise
 it but never lower it again. So the background threads are raised once, when each starts, and the threads that
 serve a search (the event loop, the search pool, a text tower's batcher and the session threads ONNX Runtime
-creates while building a text tower) are made from threads that never were: text towers are loaded on the
-search pool (Runtime).
+creates while building a text tower) are made from threads that never were: a text tower asked for by a
+background thread is loaded on a thread of the registry's made at start (ModelRegistry).
 """
 
 from __future__ import annotations
@@ -25,22 +25,29 @@ import threading
 log = logging.getLogger(__name__)
 
 LOWEST = 19
-_target: int | None = None  # a background thread's nice value; set once at start (configure)
+_base: int | None = None  # the server's own nice value, a search's threads keep it; set once at start (configure)
+_target: int | None = None  # a background thread's nice value
 _refused = False
 
 
 def configure(background_nice: int) -> None:
     """Background threads run `background_nice` above the configuring thread's nice value (Settings.background_nice;
     0: as it). Absolute, not relative to each thread's own: a thread made by a background thread starts raised."""
-    global _target
-    base = nice()
-    _target = None if base is None or background_nice <= 0 else min(LOWEST, base + background_nice)
+    global _base, _target
+    _base = nice()
+    _target = None if _base is None or background_nice <= 0 else min(LOWEST, _base + background_nice)
 
 
 def background() -> None:
     """The calling thread at background priority (a thread's initializer, or the start of its loop)."""
     if _target is not None:
         _raise_to(_target)
+
+
+def lowered() -> bool:
+    """Whether the calling thread runs below the server's own priority (a background thread, or one made by one)."""
+    current = nice()
+    return _base is not None and current is not None and current > _base
 
 
 def lowest() -> None:

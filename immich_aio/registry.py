@@ -31,7 +31,7 @@ from immich_aio.errors import ModelLoadError, PredictError
 from immich_aio.memory import trim
 from immich_aio.models.base import Model, ModelSpec, Resolver
 from immich_aio.store import FileIdentity, FileInfo, ModelStore, file_identity
-from immich_aio.tasks import ModelType, Task
+from immich_aio.tasks import TEXTUAL, ModelType, Task
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,11 @@ class ModelRegistry:
         # at background priority, as the sessions' threads it makes will be
         self._loader = ThreadPoolExecutor(2, thread_name_prefix="load-ahead", initializer=priority.background)
         self._ahead: dict[tuple[str, str, str], Future[Model]] = {}
+        # Text towers load on a thread at the server's own priority, whoever asks (a preload, an odd request with an
+        # image too): the threads of a session and of its batcher start with the priority of the thread that loads
+        # it, and a search's must not be a background thread's (priority.py). Made now, by the registry's maker.
+        self._search_loader = ThreadPoolExecutor(1, thread_name_prefix="load-search")
+        self._search_loader.submit(lambda: None).result()
 
     def resolve(self, task: Task, type_: ModelType, requested: str) -> ModelSpec:
         return self.resolvers[task].resolve(type_, requested)
@@ -137,6 +142,17 @@ class ModelRegistry:
             "is an install still running? Try again when it has finished",
             served=spec.name,
         )
+
+    def _build_in_its_lane(
+        self, spec: ModelSpec
+    ) -> tuple[Model, tuple[FileIdentity, ...], Future[dict[str, FileInfo]]]:
+        if spec.type == TEXTUAL and priority.lowered():
+            try:
+                loading = self._search_loader.submit(self._build, spec)
+            except RuntimeError:  # closed: the server is stopping
+                return self._build(spec)
+            return loading.result()
+        return self._build(spec)
 
     def _describing(self, model: Model, identities: dict[str, FileIdentity]) -> Future[dict[str, FileInfo]]:
         """The files described beside the load, not after it; not at all once the server is stopping."""
@@ -209,7 +225,7 @@ class ModelRegistry:
         with slot.lock:
             if slot.model is None or slot.identity != current:
                 old = slot.model
-                model, loaded_identity, described = self._build(spec)
+                model, loaded_identity, described = self._build_in_its_lane(spec)
                 with self._lock:
                     slot.model, slot.spec, slot.identity, slot.described = model, spec, loaded_identity, described
                 if old is not None:
@@ -283,6 +299,7 @@ class ModelRegistry:
         """The server is stopping: hashing not yet begun is dropped (a hash under way still ends, one file)."""
         self._hasher.shutdown(wait=False, cancel_futures=True)
         self._loader.shutdown(wait=False, cancel_futures=True)
+        self._search_loader.shutdown(wait=False, cancel_futures=True)
 
     def unload_all(self, keep_pinned: bool = False) -> list[tuple[str, str, str]]:
         """Unload every model (runs under way finish first); `keep_pinned` spares the preloaded ones."""

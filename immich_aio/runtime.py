@@ -33,7 +33,7 @@ from immich_aio.pipeline import Engine
 from immich_aio.registry import ModelRegistry
 from immich_aio.sessions import SessionFactory
 from immich_aio.store import ModelStore
-from immich_aio.tasks import CLIP, FACES, OCR, TEXTUAL, ModelType, Task
+from immich_aio.tasks import CLIP, FACES, OCR, ModelType, Task
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +170,9 @@ class Runtime:
         if self.factory.openvino_cache is not None:
             await asyncio.to_thread(self.factory.openvino_cache.sweep)
         # Preloading runs in the background: /ping answers from the first moment, and a request for a
-        # model still loading simply waits for that one load. Text towers load on the search pool, image models
-        # on the request pool, so that the threads their sessions make have the priority of their lane.
+        # model still loading simply waits for that one load.
         if self.settings.preload:
-            self._tasks.append(asyncio.create_task(self.run(self.preload, False)))
-            self._tasks.append(asyncio.create_task(self.run(self.preload, True, interactive=True)))
+            self._tasks.append(asyncio.create_task(self.run(self.preload)))
         self._tasks.append(asyncio.create_task(self._reap_forever()))
         self._tasks.append(asyncio.create_task(self._trim_while_busy()))
 
@@ -205,16 +203,13 @@ class Runtime:
             return None  # answered by the pipeline, with its own reason
         return None
 
-    def preload(self, text: bool) -> None:
-        """Load MACHINE_LEARNING_PRELOAD__* models now (the text towers, or the rest); they never expire. A failure
-        is logged, not fatal.
+    def preload(self) -> None:
+        """Load MACHINE_LEARNING_PRELOAD__* models now; they never expire. A failure is logged, not fatal.
 
         A preloaded name whose model is missing starts its download now (fetching on first use); it is loaded
         when the download lands.
         """
         for (task, type_), names in self.settings.preload.items():
-            if (type_ == TEXTUAL) != text:
-                continue
             for name in names:
                 plan = self.missing_plan(task, type_, name)
                 if plan is not None:

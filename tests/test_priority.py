@@ -132,6 +132,36 @@ def test_image_work_runs_below_a_search_end_to_end(store, make_client, tiny, mon
     assert text == {base} and image == {base + 6}, seen
 
 
+def test_a_text_tower_asked_for_by_a_background_thread_loads_at_the_servers_priority(
+    store, make_client, tiny, monkeypatch
+):
+    """An odd request with a text and an image (the image lane) is the first to need the text tower: the searches
+    after it must not run on threads made at background priority."""
+    base = priority.nice()
+    assert base is not None
+    seen: list[tuple[str, str, int | None]] = []
+    create, infer = SessionFactory.create, Model.infer
+
+    def recording_create(self, model, *args, **kwargs):
+        seen.append(("build", Path(str(model)).parent.name, priority.nice()))
+        return create(self, model, *args, **kwargs)
+
+    def recording_infer(self, feeds):
+        seen.append(("run", self.type, priority.nice()))
+        return infer(self, feeds)
+
+    monkeypatch.setattr(SessionFactory, "create", recording_create)
+    monkeypatch.setattr(Model, "infer", recording_infer)
+    install_tiny(ModelStore(store), tiny)
+    client = make_client(IMMICH_AIO_BACKGROUND_NICE="5", IMMICH_AIO_ORT_CACHE="false")
+    r = predict(client, {**TEXT, **OCR_ENTRIES}, image=PHOTO, text="一只猫")  # not all text: the image lane
+    assert r.status_code == 200, r.text
+    assert ("run", "detection", base + 5) in seen  # it did run in the image lane
+    assert predict(client, TEXT, text="海边的日落").status_code == 200
+    text = [(what, nice) for what, type_, nice in seen if type_ == "textual"]
+    assert ("build", base) in text and all(nice == base for _, nice in text), seen
+
+
 def test_preloaded_text_towers_load_on_the_search_lane(store, make_client, tiny, monkeypatch):
     base = priority.nice()
     assert base is not None
