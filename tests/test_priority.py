@@ -100,24 +100,31 @@ def test_a_batchers_thread_has_its_lanes_priority(interactive):
     assert ran_at == (base if interactive else base + 4)
 
 
-def test_image_work_runs_below_a_search_end_to_end(store, make_client, tiny, monkeypatch):
-    """Every build and run of the image models at +N (the CLIP tower loads ahead and runs in its batcher, OCR's
-    detector runs on the request's thread), every one of the text tower at the search's priority."""
-    base = priority.nice()
-    assert base is not None
-    seen: list[tuple[str, str, int | None]] = []
+@pytest.fixture
+def seen(monkeypatch) -> list[tuple[str, str, int | None]]:
+    """Every session build (by its file's folder: textual, visual, detection...) and run (by model type) in the
+    server, with the nice value of the thread it happened on."""
+    out: list[tuple[str, str, int | None]] = []
     create, infer = SessionFactory.create, Model.infer
 
     def recording_create(self, model, *args, **kwargs):
-        seen.append(("build", Path(str(model)).parent.name, priority.nice()))
+        out.append(("build", Path(str(model)).parent.name, priority.nice()))
         return create(self, model, *args, **kwargs)
 
     def recording_infer(self, feeds):
-        seen.append(("run", self.type, priority.nice()))
+        out.append(("run", self.type, priority.nice()))
         return infer(self, feeds)
 
     monkeypatch.setattr(SessionFactory, "create", recording_create)
     monkeypatch.setattr(Model, "infer", recording_infer)
+    return out
+
+
+def test_image_work_runs_below_a_search_end_to_end(store, make_client, tiny, seen):
+    """Every build and run of the image models at +N (the CLIP tower loads ahead and runs in its batcher, OCR's
+    detector runs on the request's thread), every one of the text tower at the search's priority."""
+    base = priority.nice()
+    assert base is not None
     install_tiny(ModelStore(store), tiny)
     client = make_client(IMMICH_AIO_BACKGROUND_NICE="6", IMMICH_AIO_ORT_CACHE="false")
     for _ in range(2):
@@ -132,26 +139,11 @@ def test_image_work_runs_below_a_search_end_to_end(store, make_client, tiny, mon
     assert text == {base} and image == {base + 6}, seen
 
 
-def test_a_text_tower_asked_for_by_a_background_thread_loads_at_the_servers_priority(
-    store, make_client, tiny, monkeypatch
-):
+def test_a_text_tower_asked_for_by_a_background_thread_loads_at_the_servers_priority(store, make_client, tiny, seen):
     """An odd request with a text and an image (the image lane) is the first to need the text tower: the searches
     after it must not run on threads made at background priority."""
     base = priority.nice()
     assert base is not None
-    seen: list[tuple[str, str, int | None]] = []
-    create, infer = SessionFactory.create, Model.infer
-
-    def recording_create(self, model, *args, **kwargs):
-        seen.append(("build", Path(str(model)).parent.name, priority.nice()))
-        return create(self, model, *args, **kwargs)
-
-    def recording_infer(self, feeds):
-        seen.append(("run", self.type, priority.nice()))
-        return infer(self, feeds)
-
-    monkeypatch.setattr(SessionFactory, "create", recording_create)
-    monkeypatch.setattr(Model, "infer", recording_infer)
     install_tiny(ModelStore(store), tiny)
     client = make_client(IMMICH_AIO_BACKGROUND_NICE="5", IMMICH_AIO_ORT_CACHE="false")
     r = predict(client, {**TEXT, **OCR_ENTRIES}, image=PHOTO, text="一只猫")  # not all text: the image lane
@@ -162,17 +154,10 @@ def test_a_text_tower_asked_for_by_a_background_thread_loads_at_the_servers_prio
     assert ("build", base) in text and all(nice == base for _, nice in text), seen
 
 
-def test_preloaded_text_towers_load_on_the_search_lane(store, make_client, tiny, monkeypatch):
+def test_preloaded_text_towers_load_at_the_servers_priority(store, make_client, tiny, seen):
+    """Preloads run on the request pool (background priority): the text tower is built on the registry's thread."""
     base = priority.nice()
     assert base is not None
-    built: list[tuple[str, int | None]] = []
-    create = SessionFactory.create
-
-    def recording_create(self, model, *args, **kwargs):
-        built.append((Path(str(model)).parent.name, priority.nice()))
-        return create(self, model, *args, **kwargs)
-
-    monkeypatch.setattr(SessionFactory, "create", recording_create)
     install_tiny(ModelStore(store), tiny)
     make_client(
         IMMICH_AIO_BACKGROUND_NICE="3",
@@ -180,8 +165,9 @@ def test_preloaded_text_towers_load_on_the_search_lane(store, make_client, tiny,
         MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL="ViT-B-32__openai",
         MACHINE_LEARNING_PRELOAD__CLIP__VISUAL="ViT-B-32__openai",
     )
-    wait_for(lambda: {name for name, _ in built} >= {"textual", "visual"}, "both towers preloaded", 60)
-    assert dict(built) == {"textual": base, "visual": base + 3}, built
+    built = lambda: {name: nice for what, name, nice in seen if what == "build"}  # noqa: E731
+    wait_for(lambda: built().keys() >= {"textual", "visual"}, "both towers preloaded", 60)
+    assert built() == {"textual": base, "visual": base + 3}, seen
 
 
 def test_the_resize_helper_and_the_load_ahead_pool_run_in_the_background(tmp_path):
