@@ -38,6 +38,11 @@ def configure(background_nice: int) -> None:
     _target = None if _base is None or background_nice <= 0 else min(LOWEST, _base + background_nice)
 
 
+def levels() -> tuple[int | None, int | None]:
+    """(a search's nice value, a background thread's): None where not known, the second also when it is off."""
+    return _base, _target
+
+
 def background() -> None:
     """The calling thread at background priority (a thread's initializer, or the start of its loop)."""
     if _target is not None:

@@ -12,7 +12,7 @@ from typing import Any, TypedDict
 import onnxruntime as ort
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from immich_aio import __version__, memory
+from immich_aio import __version__, memory, priority
 from immich_aio.runtime import Runtime
 from immich_aio.store import TASKS
 
@@ -51,6 +51,8 @@ class ThreadsInfo(TypedDict):
     decodeBudgetMegapixels: float
     ocrOnCpu: bool  # OCR's runs on the CPU of a GPU host, `ocrRuns` at once (IMMICH_AIO_OCR_DEVICE)
     ocrRuns: int
+    searchNice: int | None  # the nice value of the threads that serve a search (the server's own)
+    backgroundNice: int | None  # of the threads that do background work; null: as a search's (priority.py)
 
 
 class AutoFetchInfo(TypedDict):
@@ -122,6 +124,13 @@ def live_gauges(rt: Runtime) -> Iterable[Metric]:
     )
 
 
+def _priorities() -> str:
+    search, background = priority.levels()
+    if background is None:
+        return "background work at a search's CPU priority"
+    return f"background work at nice {background}, searches at {search} (IMMICH_AIO_BACKGROUND_NICE)"
+
+
 def banner(rt: Runtime) -> str:
     """The one startup summary: version, providers, store, thread budget, and who answers what."""
     f = rt.factory
@@ -139,7 +148,7 @@ def banner(rt: Runtime) -> str:
         f"{f' (under a backlog {f.gate.runs} runs of {f.narrow_threads})' if f.split else ''}"
         f"{' (+1 for OCR)' if f.short_lane and not f.ocr_on_cpu else ''}, "
         f"{rt.settings.request_threads} request threads; batches up to {f.batch_size}; "
-        f"decode budget {rt.budget.total / 1e6:g} MP",
+        f"decode budget {rt.budget.total / 1e6:g} MP; {_priorities()}",
     ]
     if f.ocr_on_cpu:
         lines.append(
@@ -216,6 +225,8 @@ def info(rt: Runtime) -> Info:
             "decodeBudgetMegapixels": rt.budget.total / 1e6,
             "ocrOnCpu": rt.factory.ocr_on_cpu,
             "ocrRuns": rt.factory.gate_for(True).slots,
+            "searchNice": priority.levels()[0],
+            "backgroundNice": priority.levels()[1],
         },
         "modelStore": str(rt.store.root),
         "models": sorted(models, key=lambda m: (m["task"], m["type"], m["name"])),

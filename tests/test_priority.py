@@ -137,6 +137,21 @@ def test_image_work_runs_below_a_search_end_to_end(store, make_client, tiny, see
     assert {what for what, type_, _ in seen if type_ == "textual"} == {"build", "run"}
     assert {what for what, type_, _ in seen if type_ == "visual"} == {"build", "run"}
     assert text == {base} and image == {base + 6}, seen
+    threads = client.get("/info").json()["threads"]
+    assert (threads["searchNice"], threads["backgroundNice"]) == (base, base + 6)
+
+
+def test_off_every_thread_at_the_servers_priority_and_said_so(store, make_client, tiny, seen):
+    from immich_aio.reporting import banner
+
+    base = priority.nice()
+    install_tiny(ModelStore(store), tiny)
+    client = make_client(IMMICH_AIO_BACKGROUND_NICE="0", IMMICH_AIO_ORT_CACHE="false")
+    assert predict(client, VISUAL, image=PHOTO).status_code == 200
+    assert predict(client, TEXT, text="海边的日落").status_code == 200
+    assert {nice for *_, nice in seen} == {base}, seen
+    assert client.get("/info").json()["threads"]["backgroundNice"] is None
+    assert "background work at a search's CPU priority" in banner(client.app.state.runtime)
 
 
 def test_a_text_tower_asked_for_by_a_background_thread_loads_at_the_servers_priority(store, make_client, tiny, seen):
