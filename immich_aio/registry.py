@@ -31,7 +31,7 @@ from immich_aio.errors import ModelLoadError, PredictError
 from immich_aio.memory import trim
 from immich_aio.models.base import Model, ModelSpec, Resolver
 from immich_aio.store import FileIdentity, FileInfo, ModelStore, file_identity
-from immich_aio.tasks import TEXTUAL, ModelType, Task
+from immich_aio.tasks import INTERACTIVE, ModelType, Task
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class ModelRegistry:
     def _build_in_its_lane(
         self, spec: ModelSpec
     ) -> tuple[Model, tuple[FileIdentity, ...], Future[dict[str, FileInfo]]]:
-        if spec.type == TEXTUAL and priority.lowered():
+        if spec.type == INTERACTIVE and priority.lowered():
             try:
                 loading = self._search_loader.submit(self._build, spec)
             except RuntimeError:  # closed: the server is stopping

@@ -209,6 +209,7 @@ def info(rt: Runtime) -> Info:
                 "narrowSession": model.narrow is not None,
             }
         )
+    search_nice, background_nice = priority.levels()
     return {
         "version": __version__,
         "onnxruntime": ort.__version__,
@@ -225,8 +226,8 @@ def info(rt: Runtime) -> Info:
             "decodeBudgetMegapixels": rt.budget.total / 1e6,
             "ocrOnCpu": rt.factory.ocr_on_cpu,
             "ocrRuns": rt.factory.gate_for(True).slots,
-            "searchNice": priority.levels()[0],
-            "backgroundNice": priority.levels()[1],
+            "searchNice": search_nice,
+            "backgroundNice": background_nice,
         },
         "modelStore": str(rt.store.root),
         "models": sorted(models, key=lambda m: (m["task"], m["type"], m["name"])),

@@ -31,6 +31,10 @@ VISUAL, TEXTUAL, DETECTION, RECOGNITION = (
     ModelType.RECOGNITION,
 )
 
+# The model type that serves a person searching: its runs skip the background queue (batching.py) and its threads
+# keep the server's CPU priority (priority.py, registry.py).
+INTERACTIVE = TEXTUAL
+
 # Every (task, type) the server can send.
 TASK_TYPES: dict[Task, tuple[ModelType, ...]] = {
     CLIP: (VISUAL, TEXTUAL),

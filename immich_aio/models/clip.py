@@ -24,7 +24,7 @@ from immich_aio.models.base import Model
 from immich_aio.payload import Payload
 from immich_aio.protocol import vector_string
 from immich_aio.sessions import SessionProfile
-from immich_aio.tasks import CLIP, TEXTUAL, VISUAL
+from immich_aio.tasks import CLIP, INTERACTIVE, TEXTUAL, VISUAL
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -110,7 +110,7 @@ class ClipTower(Model):
             lambda items: list(self.embed(items)),
             1 if self.fixed_batch_1 else None,
             suffix=self.type,
-            interactive=self.type == TEXTUAL,
+            interactive=self.type == INTERACTIVE,
         )
 
     def input_dtype(self, index: int = 0) -> type[np.integer]:
