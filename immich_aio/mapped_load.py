@@ -14,7 +14,7 @@ the server holds no mapping of the user's file, and replacing or rewriting the f
 session. That is checked after every build (/proc/self/maps), as is that the path still names the file that was
 read: a session that kept a mapping, or a file replaced meanwhile, is dropped and the model is loaded the usual
 way. CPU provider only (the GPU providers could not be measured here), Linux only, files of 32 MB and more (a
-small model's copy costs little).
+small model's copy costs little). A large graph is built as two halves at once, one per core (graph_split.py).
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ import mmap
 import os
 import stat
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 
+from immich_aio import graph_split
 from immich_aio.onnx_walk import LENGTH_DELIMITED, Buffer, Field, encode_varint, fields, length_field, varint_field
 from immich_aio.store import FileIdentity, file_identity, stat_identity
 
@@ -89,10 +91,8 @@ def session(
         return None
     if walked is not None:
         walked()
-    opts = options()
-    opts.add_session_config_entry(FOLDER_KEY, str(path.parent))
     try:
-        built = ort.InferenceSession(graph, sess_options=opts, providers=list(providers))
+        built = _build(graph, path, options, providers)
     except Exception as e:  # ONNX Runtime raises its own types; a broken file gets its error from the usual load
         log.info("%s: mapping its weights failed (%s); loading it by copy", source, e)
         return None
@@ -104,6 +104,64 @@ def session(
         return None
     log.debug("%s: %d MB of weights packed from the file, not copied", source, mapped >> 20)
     return built
+
+
+def _build(
+    graph: bytes, path: Path, options: Callable[[], ort.SessionOptions], providers: Sequence[Any]
+) -> ort.InferenceSession:
+    """The session of the mapped graph: a large one cut in two (graph_split.py) and its halves built at once on two
+    threads where there are two cores for them, else whole."""
+
+    def build(model: bytes) -> ort.InferenceSession:
+        opts = options()
+        opts.add_session_config_entry(FOLDER_KEY, str(path.parent))
+        return ort.InferenceSession(model, sess_options=opts, providers=list(providers))
+
+    halves = None
+    if cores() >= 2:
+        try:
+            halves = graph_split.split(graph)
+        except Exception as e:  # a graph the walk does not follow (or a fault in the cut): it is built whole
+            log.info("%s: not cut in two (%s)", path, e)
+    if halves is None:
+        return build(graph)
+    try:
+        built = _build_halves(halves, build)
+        log.debug("%s: built as two halves at once (%d tensors passed between them)", path, len(halves.crossing))
+        return built
+    except Exception as e:  # ONNX Runtime raises its own types: the whole graph gives the error, if it has one
+        log.info("%s: its halves failed to build (%s); building it whole", path, e)
+        return build(graph)
+
+
+def _build_halves(halves: graph_split.Halves, build: Callable[[bytes], ort.InferenceSession]) -> ort.InferenceSession:
+    """The second half built on a thread started here, the first on this one. A thread, not a pool's: Linux threads
+    take their creator's nice value, and so do the ONNX Runtime threads of the session each one builds (priority.py)."""
+    second: list[ort.InferenceSession | Exception] = []
+
+    def build_second() -> None:
+        try:
+            second.append(build(halves.second))
+        except Exception as e:  # raised by this thread, once the first half is built
+            second.append(e)
+
+    helper = threading.Thread(target=build_second, name="build-half", daemon=True)
+    helper.start()
+    try:
+        first = build(halves.first)
+    finally:
+        helper.join()
+    if isinstance(second[0], Exception):
+        raise second[0]
+    return graph_split.Chain(first, second[0])
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _random_access(buf: mmap.mmap) -> None:

@@ -82,7 +82,7 @@ class SessionFactory:
         )
         # OpenVINO on the CPU device runs on the CPU's cores: the CPU's thread budget and batch size apply
         on_cpu = self.cpu_only or self.openvino_device == "CPU"
-        cores = _cpu_count()
+        cores = mapped_load.cores()
         # Thread budget: each background run gets `intra_threads` cores and at most `slots` runs go at
         # once, so concurrent requests never oversubscribe the CPU. With CUDA the GPU does the work and
         # two slots let one request's pre/post-processing overlap another's run.
@@ -315,12 +315,3 @@ def _cuda_error(text: str) -> str | None:
     """The telling part of ONNX Runtime's CUDA error, e.g. 'CUDA driver version is insufficient for CUDA runtime'."""
     match = re.search(r"(CUDA failure \d+: [^;]+|libcuda[^;\n]*|cannot open shared object file[^;\n]*)", text)
     return match.group(1).strip() if match else None
-
-
-def _cpu_count() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1

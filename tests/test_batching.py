@@ -292,10 +292,10 @@ def test_close_fails_pending_work_and_refuses_new():
 
 
 def test_thread_budget_defaults_and_overrides(monkeypatch):
-    monkeypatch.setattr("immich_aio.sessions._cpu_count", lambda: 2)
+    monkeypatch.setattr("immich_aio.mapped_load.cores", lambda: 2)
     f = SessionFactory(Settings.from_env({}))
     assert (f.intra_threads, f.gate.slots, f.batch_size) == (2, 1, 4)
-    monkeypatch.setattr("immich_aio.sessions._cpu_count", lambda: 16)
+    monkeypatch.setattr("immich_aio.mapped_load.cores", lambda: 16)
     f = SessionFactory(Settings.from_env({}))
     assert (f.intra_threads, f.gate.slots) == (4, 4)
     f = SessionFactory(

@@ -34,7 +34,7 @@ def cuda_host(monkeypatch):
     """This ONNX Runtime as if it were onnxruntime-gpu on a host with a usable GPU and 16 cores."""
     monkeypatch.setattr(sessions.ort, "get_available_providers", lambda: [CUDA, CPU])
     monkeypatch.setattr(sessions, "cuda_usable", lambda device_id: True)
-    monkeypatch.setattr(sessions, "_cpu_count", lambda: 16)
+    monkeypatch.setattr(sessions.mapped_load, "cores", lambda: 16)
 
 
 def _cudnn_search(factory: SessionFactory, profile: SessionProfile) -> str:

@@ -38,7 +38,7 @@ LAYERS: list[list[str]] = [
     ["metrics", "imaging", "memory", "access_log", "http_form", "protocol", "names.fetchable", "names.catalog"],
     ["ort_cache", "openvino"],
     ["ort_pack", "mapped_load"],
-    ["graph_prelu"],
+    ["graph_prelu", "graph_split"],
     ["store", "models.outputs", "jobs", "graph_fold", "onnx_walk"],
     ["errors", "tasks", "priority"],
     ["__init__", "adapters", "download", "models", "names"],

@@ -162,7 +162,7 @@ def test_two_models_backlogs_run_side_by_side_in_a_split_slot():
 
 
 def test_the_split_default_follows_the_cpu_and_the_settings(monkeypatch):
-    monkeypatch.setattr("immich_aio.sessions._cpu_count", lambda: 2)
+    monkeypatch.setattr("immich_aio.mapped_load.cores", lambda: 2)
     f = SessionFactory(Settings.from_env({}))
     assert (f.split, f.intra_threads, f.narrow_threads, f.gate.slots, f.gate.runs) == (True, 2, 1, 1, 2)
     assert f.run_slots == 1  # the decode budget is per slot, split or not
@@ -173,7 +173,7 @@ def test_the_split_default_follows_the_cpu_and_the_settings(monkeypatch):
     ):
         f = SessionFactory(Settings.from_env(env))
         assert not f.split and f.gate.runs == f.gate.slots, env
-    monkeypatch.setattr("immich_aio.sessions._cpu_count", lambda: 16)
+    monkeypatch.setattr("immich_aio.mapped_load.cores", lambda: 16)
     f = SessionFactory(Settings.from_env({}))
     assert (f.intra_threads, f.narrow_threads, f.gate.slots, f.gate.runs) == (4, 2, 4, 8)
 
