@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from immich_aio.onnx_walk import LENGTH_DELIMITED, fields, length_field, varint, varint_field
+from immich_aio.onnx_walk import LENGTH_DELIMITED, fields, length_field, messages, varint, varint_field
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def _read(buf: bytes) -> _Graph | None:
 def _node(buf: bytes, f: Any) -> _Node:
     node = _Node(buf[f.start : f.end])
     attributes = []
-    for number, start, end in _strings(buf, f.value, f.end):
+    for number, start, end in messages(buf, f.value, f.end):
         if number == NODE_INPUT:
             node.inputs.append(buf[start:end].decode("utf-8", "replace"))
         elif number == NODE_OUTPUT:
@@ -183,38 +183,6 @@ def _node(buf: bytes, f: Any) -> _Node:
 class _Span:
     start: int
     end: int
-
-
-def _strings(buf: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
-    """(field number, start, end) of each length-delimited field of the message in buf[start:end]: onnx_walk.fields
-    for the one shape a node's fields have, without an object per field (a ViT's 2,000 nodes took 50-100 ms that
-    way, most of cutting it)."""
-    out = []
-    pos = start
-    while pos < end:
-        key = buf[pos]
-        pos += 1
-        if key >= 0x80:
-            key, pos = varint(buf, pos - 1)
-        wire = key & 7
-        if wire == LENGTH_DELIMITED:
-            size = buf[pos]
-            pos += 1
-            if size >= 0x80:
-                size, pos = varint(buf, pos - 1)
-            if pos + size > end:
-                raise ValueError("truncated protobuf field")
-            out.append((key >> 3, pos, pos + size))
-            pos += size
-        elif wire == 0:
-            pos = varint(buf, pos)[1]
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire}")
-    if pos > end:
-        raise ValueError("truncated protobuf field")
-    return out
 
 
 def _tensor(buf: bytes, start: int, end: int) -> tuple[str, int, int]:

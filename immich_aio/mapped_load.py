@@ -33,7 +33,16 @@ from typing import Any
 import onnxruntime as ort
 
 from immich_aio import graph_split
-from immich_aio.onnx_walk import LENGTH_DELIMITED, Buffer, Field, encode_varint, fields, length_field, varint_field
+from immich_aio.onnx_walk import (
+    LENGTH_DELIMITED,
+    Buffer,
+    Field,
+    encode_varint,
+    fields,
+    length_field,
+    messages,
+    varint_field,
+)
 from immich_aio.store import FileIdentity, file_identity, stat_identity
 
 log = logging.getLogger(__name__)
@@ -229,6 +238,14 @@ class _Walk:
                 raise ValueError(f"more than {MAX_FIELDS} protobuf fields")
             yield f
 
+    def messages(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """The length-delimited fields of one message, counted like the rest (a node's: onnx_walk.messages)."""
+        found = messages(self.buf, start, end)
+        self.left -= len(found)
+        if self.left < 0:
+            raise ValueError(f"more than {MAX_FIELDS} protobuf fields")
+        return found
+
     def bytes(self, f: Field) -> bytes:
         return bytes(self.buf[f.value : f.end])
 
@@ -243,15 +260,13 @@ def _packable_inputs(walk: _Walk, start: int, end: int) -> set[bytes]:
             continue
         inputs: list[bytes] = []
         op = domain = b""
-        for f in walk.fields(node.value, node.end):
-            if f.wire != LENGTH_DELIMITED:
-                continue
-            if f.number == NODE_INPUT:
-                inputs.append(walk.bytes(f))
-            elif f.number == NODE_OP_TYPE:
-                op = walk.bytes(f)
-            elif f.number == NODE_DOMAIN:
-                domain = walk.bytes(f)
+        for number, value, end_ in walk.messages(node.value, node.end):
+            if number == NODE_INPUT:
+                inputs.append(walk.buf[value:end_])
+            elif number == NODE_OP_TYPE:
+                op = walk.buf[value:end_]
+            elif number == NODE_DOMAIN:
+                domain = walk.buf[value:end_]
         packs = PACKED_INPUT.get(op) if domain in (b"", b"ai.onnx") else None
         for i, name in enumerate(inputs):
             (packed if i == packs else other).add(name)

@@ -62,11 +62,37 @@ def fields(buf: Buffer, start: int, end: int) -> Iterator[Field]:
         yield Field(key >> 3, wire, begin, value, pos)
 
 
-def messages(buf: Buffer, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(field number, start, end) of each length-delimited field (sub-message, string, bytes) in buf[start:end]."""
-    for f in fields(buf, start, end):
-        if f.wire == LENGTH_DELIMITED:
-            yield f.number, f.value, f.end
+def messages(buf: Buffer, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field (sub-message, string, bytes) in buf[start:end].
+
+    `fields` in one tight loop, with no object per field: walking a ViT's 2,000 nodes that way took 50-100 ms, this
+    way a third of it."""
+    out = []
+    pos = start
+    while pos < end:
+        key = buf[pos]
+        pos += 1
+        if key >= 0x80:
+            key, pos = varint(buf, pos - 1)
+        wire = key & 7
+        if wire == LENGTH_DELIMITED:
+            size = buf[pos]
+            pos += 1
+            if size >= 0x80:
+                size, pos = varint(buf, pos - 1)
+            if pos + size > end:
+                raise ValueError("truncated protobuf field")
+            out.append((key >> 3, pos, pos + size))
+            pos += size
+        elif wire == 0:
+            pos = varint(buf, pos)[1]
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+    if pos > end:
+        raise ValueError("truncated protobuf field")
+    return out
 
 
 def encode_varint(value: int) -> bytes:

@@ -272,6 +272,34 @@ def test_the_walk_refuses_what_is_not_a_protobuf():
         list(fields(b"\x0f", 0, 1))
 
 
+def test_the_quick_walk_of_a_message_finds_what_the_field_walk_finds():
+    """onnx_walk.messages (a node's fields, in one loop) against onnx_walk.fields, over every wire type: a varint, a
+    64-bit and a 32-bit value, a field number that takes two bytes of key, a length that takes two bytes; and a
+    message cut short is refused by both."""
+    from immich_aio.onnx_walk import LENGTH_DELIMITED, encode_varint, length_field, messages, varint_field
+
+    message = b"".join(
+        [
+            length_field(1, b"x"),
+            varint_field(3, 300),
+            encode_varint(4 << 3 | 1) + b"\x0a" * 8,  # fixed64 (bytes that would read as fields if miscounted)
+            length_field(2, b"y" * 200),  # a two-byte length
+            encode_varint(5 << 3 | 5) + b"\x0a" * 4,  # fixed32
+            length_field(16, b"metadata"),  # a two-byte key
+            length_field(7, b""),
+        ]
+    )
+    want = [(f.number, f.value, f.end) for f in fields(message, 0, len(message)) if f.wire == LENGTH_DELIMITED]
+    assert messages(message, 0, len(message)) == want
+    assert [n for n, _, _ in want] == [1, 2, 16, 7]
+    fixed = encode_varint(4 << 3 | 1) + bytes(8)
+    for buf, cut in ((message, len(message) - 1), (message, len(message) - 12), (fixed, 5)):
+        with pytest.raises(ValueError):
+            messages(buf, 0, cut)
+        with pytest.raises(ValueError):
+            list(fields(buf, 0, cut))
+
+
 def test_a_file_cut_short_or_too_many_fields_to_walk_takes_the_usual_load(model, tmp_path, monkeypatch):
     """The walk gives up (and lets the mapped file go) on a protobuf cut off mid-field, and on more fields than any
     model's graph has; the usual load then gives ONNX Runtime's own answer."""
