@@ -151,7 +151,7 @@ def _read(buf: bytes) -> _Graph | None:
 
 def _node(buf: bytes, f: Any) -> _Node:
     node = _Node(buf[f.start : f.end])
-    attributes = []
+    attributes: list[tuple[int, int]] = []
     for number, start, end in messages(buf, f.value, f.end):
         if number == NODE_INPUT:
             node.inputs.append(buf[start:end].decode("utf-8", "replace"))
@@ -162,12 +162,12 @@ def _node(buf: bytes, f: Any) -> _Node:
         elif number == NODE_DOMAIN:
             node.domain = buf[start:end].decode("utf-8", "replace")
         elif number == NODE_ATTRIBUTE:
-            attributes.append(_Span(start, end))
+            attributes.append((start, end))
     if node.domain in ("", "ai.onnx") and node.op not in READ_ATTRIBUTES:
         return node  # (walking every node's attributes was most of the time)
-    for a in attributes:
+    for start, end in attributes:
         name = ""
-        for x in fields(buf, a.start, a.end):
+        for x in fields(buf, start, end):
             if x.number == ATTR_NAME and x.wire == LENGTH_DELIMITED:
                 name = _text(buf, x)
             elif x.number in (ATTR_GRAPH, ATTR_GRAPHS):
@@ -177,12 +177,6 @@ def _node(buf: bytes, f: Any) -> _Node:
             elif x.number == ATTR_TENSOR and x.wire == LENGTH_DELIMITED:
                 node.value_type = _tensor(buf, x.value, x.end)[2]
     return node
-
-
-@dataclass(frozen=True)
-class _Span:
-    start: int
-    end: int
 
 
 def _tensor(buf: bytes, start: int, end: int) -> tuple[str, int, int]:
@@ -232,10 +226,13 @@ def split(graph_bytes: bytes) -> Halves | None:
             constant.update(o for o in n.outputs if o)
         made_by.update((o, k) for o in n.outputs if o)
     readers: dict[str, set[int]] = {}
+    first_read: dict[str, int] = {}  # each initializer's
     for k, n in enumerate(nodes):
         for i in n.inputs:
             if i:
                 readers.setdefault(i, set()).add(k)
+                if i in g.initializers:
+                    first_read.setdefault(i, k)
 
     def branches(name: str) -> bool:
         """Whether a tensor feeds two or more nodes (a graph output counts as one)."""
@@ -270,11 +267,6 @@ def split(graph_bytes: bytes) -> Halves | None:
             barred[p + 1] += 1
             barred[q + 1] -= 1
     crossing, barred = np.cumsum(crossing), np.cumsum(barred)
-    first_read: dict[str, int] = {}
-    for k, n in enumerate(nodes):
-        for i in n.inputs:
-            if i in g.initializers:
-                first_read.setdefault(i, k)
     share = np.zeros(last + 1, dtype=np.float64)
     for name, k in first_read.items():
         share[k + 1] += g.initializers[name][1]
@@ -383,7 +375,7 @@ class Chain(ort.InferenceSession):
     """Two sessions run one after the other and seen as one: the first's outputs are fed to the second.
 
     Not an ONNX Runtime session itself (the base class is not initialised): only what the models call is
-    provided — run, the inputs and outputs, the metadata and providers.
+    provided: run, the inputs and outputs, the metadata (OCR's charset) and providers (/info).
     """
 
     def __init__(self, first: ort.InferenceSession, second: ort.InferenceSession) -> None:
@@ -400,20 +392,11 @@ class Chain(ort.InferenceSession):
     def get_outputs(self) -> list[Any]:
         return self.second.get_outputs()
 
-    def get_overridable_initializers(self) -> list[Any]:
-        return []
-
     def get_modelmeta(self) -> Any:
         return self.first.get_modelmeta()
 
     def get_providers(self) -> list[str]:
         return self.first.get_providers()
-
-    def get_provider_options(self) -> dict[str, dict[str, str]]:
-        return self.first.get_provider_options()
-
-    def get_session_options(self) -> ort.SessionOptions:
-        return self.first.get_session_options()
 
     def run(self, output_names: Any, input_feed: dict[str, Any], run_options: Any = None) -> Any:
         middle = self.first.run(None, {k: input_feed[k] for k in self._first_inputs}, run_options)
