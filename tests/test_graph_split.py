@@ -145,6 +145,41 @@ def test_a_tensor_that_convolutions_and_batch_norms_read_is_never_cut(iresnet, t
     assert not np.array_equal(got, want)
 
 
+def test_a_tower_of_fixed_shape_is_left_whole_when_its_stream_is_not_declared(cn_clip_visual, tmp_path, monkeypatch):
+    """An export with a fixed batch (Immich's own have one) lets ONNX Runtime know every shape in the whole graph: it
+    folds the Shape nodes and fuses reshaped MatMuls into Gemms by them. A second half told only its input's type
+    knows none of that and answers otherwise (2e-6 off here), so such a tower is built whole."""
+    model = onnx.load(str(cn_clip_visual))
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+    batch.Clear()
+    batch.dim_value = 1
+    path = tmp_path / "fixed.onnx"
+    onnx.save(model, str(path))
+    assert graph_split.split(mapped_graph(path)) is None
+    session = mapped_load.session(path, options, CPU)
+    assert not isinstance(session, graph_split.Chain)
+
+    # what that keeps away: the cut taken anyway, the stream counted as declared
+    monkeypatch.setattr(graph_split, "_static", lambda payload: True)
+    halves = graph_split.split(path.read_bytes())
+    assert halves is not None
+    build = lambda part: ort.InferenceSession(part, options(), providers=CPU)  # noqa: E731
+    image = RNG.standard_normal(session.get_inputs()[0].shape).astype(np.float32)
+    got = graph_split.Chain(build(halves.first), build(halves.second)).run(None, {"image": image})[0]
+    assert not np.array_equal(got, whole(path).run(None, {"image": image})[0])
+
+
+def test_a_stream_of_fixed_shape_crosses_only_declared_dimension_by_dimension(tmp_path):
+    path = mlp(tmp_path / "fixed.onnx", rows=5, declared_rows=5)
+    assert graph_split.split(mapped_graph(path)).crossing == ("s2",)
+    session = mapped_load.session(path, options, CPU)
+    assert isinstance(session, graph_split.Chain)
+    feeds = {"x": RNG.standard_normal((5, 32)).astype(np.float32), "scale": np.array([1.5], np.float32)}
+    assert np.array_equal(session.run(None, feeds)[0], whole(path).run(None, feeds)[0])
+    # declared with a symbolic first dimension: the whole graph would know it is 5, the second half would not
+    assert graph_split.split(mapped_graph(mlp(tmp_path / "loose.onnx", rows=5, declared_rows="N"))) is None
+
+
 def mlp(
     path: Path,
     *,
@@ -154,9 +189,12 @@ def mlp(
     casts: bool = True,
     changing_casts: bool = False,
     chain: int = 0,
+    rows: int | str = "N",
+    declared_rows: int | str = "N",
 ) -> Path:
     """Residual MatMul blocks whose stream passes through a Cast to its own type (as cn_clip's layer norms have it);
-    a second input read only at the end, a Constant made at the start and read at the end."""
+    a second input read only at the end, a Constant made at the start and read at the end. `rows`: the first
+    dimension of the input, `declared_rows`: of the tensors the graph declares."""
     nodes, inits = [], []
     for i in range(4):
         inits.append(numpy_helper.from_array(RNG.normal(0, 0.2, (32, 32)).astype(np.float32), f"w{i}"))
@@ -177,7 +215,7 @@ def mlp(
                 t = f"chain{j}"
     nodes.append(helper.make_node("Mul", [t, "scale"], ["scaled"]))
     nodes.append(helper.make_node("Add", ["scaled", "shift"], ["y"]))
-    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, 32])]
     if early_output:
         outputs.append(helper.make_tensor_value_info("a0", TensorProto.FLOAT, ["N", 32]))
     if custom:  # a maker outside ONNX's domain for the stream's Casts
@@ -185,7 +223,7 @@ def mlp(
             if n.op_type == "Cast":
                 n.domain = "com.example"
     declared = [
-        helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", 32])
+        helper.make_tensor_value_info(o, TensorProto.FLOAT, [declared_rows, 32])
         for n in nodes[1:]
         for o in n.output
         if not o.startswith("chain")
@@ -194,7 +232,7 @@ def mlp(
         nodes,
         "mlp",
         [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, 32]),
             helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1]),
         ],
         outputs,
