@@ -31,6 +31,7 @@ from immich_aio.errors import BadRequest
 from immich_aio.imaging import resize_bicubic
 from immich_aio.models.clip import ClipTower
 from immich_aio.payload import Payload
+from immich_aio.protocol import vector_string
 from immich_aio.tasks import TEXTUAL, VISUAL
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,17 @@ def flores_code(language: str) -> str:
     return code
 
 
-class ImmichClipVisual(ClipTower):
+class ImmichTower(ClipTower):
+    """A tower of Immich's own export, which L2-normalises inside the graph (`encode_*(normalize=True)`)."""
+
+    def response(self, output: np.ndarray, options: dict[str, Any]) -> str:
+        """The row as the model gives it, as Immich ML sends it: normalising an already unit vector again moves
+        its components by up to a float32 rounding (1e-7), and the vectors would no longer be Immich ML's to the
+        bit."""
+        return vector_string(output)
+
+
+class ImmichClipVisual(ImmichTower):
     type = VISUAL
 
     def load(self) -> None:
@@ -126,7 +137,7 @@ class ImmichClipVisual(ClipTower):
         return self.encode_image(payload, options, self.preprocess.size)
 
 
-class ImmichClipTextual(ClipTower):
+class ImmichClipTextual(ImmichTower):
     type = TEXTUAL
 
     def load(self) -> None:
