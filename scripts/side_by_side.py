@@ -25,6 +25,9 @@ container's memory counts it; RSS counts a page once per mapping) sampled four t
  5. Immich's job mix: 2 CLIP + 2 face + 1 OCR streams and a search every 2 s (throughput, search p95, peak RSS);
  6. started again with a 4 s model TTL: the same image mix with a search every 7 s, so that every search
     loads its model again under load (what the default 300 s TTL does to a household's occasional search).
+In round 1 each server's answers to the same three previews and two searches are kept, and how far apart the two
+servers' answers are is printed under the table: the largest difference between their CLIP and face vectors (same
+files; the two ONNX Runtime versions round differently), their face boxes and their OCR lines.
 First of all Immich ML starts once and makes every first request: it rewrites a face recogniser without a batch axis
 in place, as a user's store then keeps it, and the files must not change between phases (a warning says if any did).
 Before the rounds, immich-aio starts on files it has not seen (`.ort-cache` and `.sha256` cleared first, files
@@ -53,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -220,6 +224,7 @@ def one_run(server: Server, images: list[bytes], args: argparse.Namespace, say, 
         out["allocator"] = " + ".join(sorted({allocator_in(p) for p in tree(pid)}))
         rss.phase = "first requests"
         cold(base, images)
+        out["answers"] = answers(base, images[:3])
         rss.phase = "one at a time"
         single = {}
         for t in TASKS:
@@ -258,6 +263,64 @@ def one_run(server: Server, images: list[bytes], args: argparse.Namespace, say, 
         f"mix peak {out['mix_peak_rss_mb']:.0f} MB ({out['mix_peak_anon_mb']:.0f} anonymous), "
         f"errors {errors}")  # fmt: skip
     return out
+
+
+SEARCHES = ("a cat on a sofa", "海边的日落")
+
+
+def answers(base: str, images: list[bytes]) -> dict[str, list]:
+    """What a server answers to the same inputs, per task, as plain lists (kept in the JSON)."""
+    out: dict[str, list] = {"clip": [], "search": [], "face": [], "ocr": []}
+    for image in images:
+        out["clip"].append(json.loads(answer(base, "clip", image)[0].json()["clip"]))
+        faces = answer(base, "face", image)[0].json()["facial-recognition"]
+        out["face"].append([{"box": [f["boundingBox"][k] for k in ("x1", "y1", "x2", "y2")],
+                             "embedding": json.loads(f["embedding"]), "score": f["score"]} for f in faces])  # fmt: skip
+        ocr = answer(base, "ocr", image)[0].json()["ocr"]
+        out["ocr"].append({"text": ocr["text"], "box": ocr["box"]})
+    for text in SEARCHES:
+        out["search"].append(json.loads(answer(base, "search", images[0], text)[0].json()["clip"]))
+    return out
+
+
+def agreement(a: dict[str, list], b: dict[str, list]) -> dict[str, str]:
+    """How far apart two servers' answers to the same inputs are (answers() of each), in words per task."""
+
+    def vectors(x: list[list[float]], y: list[list[float]]) -> str:
+        if [len(u) for u in x] != [len(v) for v in y]:
+            return "different lengths"
+        if not x:
+            return "none"
+        worst = max(abs(p - q) for u, v in zip(x, y, strict=True) for p, q in zip(u, v, strict=True))
+        cos = min(sum(p * q for p, q in zip(u, v, strict=True)) / (_norm(u) * _norm(v) or 1.0)
+                  for u, v in zip(x, y, strict=True))  # fmt: skip
+        return f"cosine ≥ {cos:.7f}, largest difference {worst:.1e}"
+
+    out = {"clip": vectors(a["clip"], b["clip"]), "search": vectors(a["search"], b["search"])}
+    counts = [len(x) for x in a["face"]], [len(x) for x in b["face"]]
+    if counts[0] != counts[1]:
+        out["faces"] = f"different faces found: {counts[0]} against {counts[1]} per photo"
+    else:
+        pairs = [(f, g) for x, y in zip(a["face"], b["face"], strict=True) for f, g in zip(x, y, strict=True)]
+        boxes = max((abs(p - q) for f, g in pairs for p, q in zip(f["box"], g["box"], strict=True)), default=0.0)
+        embeddings = vectors([f["embedding"] for f, _ in pairs], [g["embedding"] for _, g in pairs])
+        out["faces"] = f"{sum(counts[0])} alike, boxes within {boxes:g} px, embeddings {embeddings}"
+    lines = [(x["text"], y["text"]) for x, y in zip(a["ocr"], b["ocr"], strict=True)]
+    total = sum(max(len(x), len(y)) for x, y in lines)
+    alike = sum(sum((Counter(x) & Counter(y)).values()) for x, y in lines)
+    order = "in the same order" if all(x == y for x, y in lines) else "in another order"
+    out["ocr"] = f"{alike} of {total} lines read alike, {order}"
+    return out
+
+
+def _norm(v: list[float]) -> float:
+    return sum(p * p for p in v) ** 0.5
+
+
+def agreement_line(found: dict[str, str]) -> str:
+    return "Answers to the same inputs, immich-aio against Immich ML (round 1): " + "; ".join(
+        f"{k}: {v}" for k, v in found.items()
+    )
 
 
 def face_counts(base: str, images: list[bytes]) -> list[int]:
@@ -484,8 +547,10 @@ def main() -> int:
           f"{v[AIO]['onnxruntime']}, {alloc[AIO]}), {IML} {v[IML]['version']} (ONNX Runtime {v[IML]['onnxruntime']}, "
           f"{alloc[IML]}); {args.rounds} rounds A B, mix {args.mix:.0f} s")  # fmt: skip
     print(markdown(rows))
+    found = agreement(runs[AIO][0]["answers"], runs[IML][0]["answers"])
+    print("\n" + agreement_line(found))
     if args.json:
-        args.json.write_text(json.dumps({**info, "runs": runs, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({**info, "runs": runs, "rows": rows, "agreement": found}, indent=2))
     return 0
 
 

@@ -144,3 +144,29 @@ def test_a_model_file_rewritten_in_place_or_replaced_is_seen(tmp_path):
     time.sleep(0.01)
     model.write_bytes(b"z" * 100)  # same size, rewritten
     assert sbs.model_files(tmp_path) != before
+
+
+def test_the_two_servers_answers_are_compared_task_by_task():
+    def answers(scale: float = 1.0, extra_face: bool = False, lines: tuple[str, ...] = ("发票", "合计 19.30元")):
+        face = {"box": [1.0, 2.0, 30.0, 40.0], "embedding": [3.0 * scale, 4.0], "score": 0.9}
+        return {
+            "clip": [[0.6, 0.8 * scale]],
+            "search": [[1.0, 0.0]],
+            "face": [[face, face] if extra_face else [face]],
+            "ocr": [{"text": list(lines), "box": []}],
+        }
+
+    same = sbs.agreement(answers(), answers())
+    assert same["clip"] == "cosine ≥ 1.0000000, largest difference 0.0e+00"
+    assert same["faces"].startswith("1 alike, boxes within 0 px")
+    assert same["ocr"] == "2 of 2 lines read alike, in the same order"
+
+    moved = sbs.agreement(answers(), answers(scale=1.001, lines=("合计 19.30元", "发票")))
+    assert "largest difference 8.0e-04" in moved["clip"] and "1.0000000" not in moved["clip"]
+    assert "largest difference 3.0e-03" in moved["faces"]
+    assert moved["ocr"] == "2 of 2 lines read alike, in another order"
+    assert sbs.agreement(answers(), answers(lines=("发票", "合计19.30元")))["ocr"].startswith("1 of 2 lines")
+    assert sbs.agreement(answers(), answers(extra_face=True))["faces"] == (
+        "different faces found: [1] against [2] per photo"
+    )
+    assert "faces: 1 alike" in sbs.agreement_line(same)
