@@ -12,7 +12,8 @@ its vector space:
   removed and lower-cased); the tokenizer from `tokenizer.json`, padded with `tokenizer_config.json`'s pad
   token and truncated to `text_cfg.context_length` (77 unless set); NLLB models get the FLORES-200 code of
   the request's `language` prepended without a separator; OpenCLIP takes `text`, M-CLIP `input_ids` and
-  `attention_mask`, in the integer type the model declares.
+  `attention_mask`, in the integer type the model declares;
+- output: the model's row as it comes out (Immich's exports normalise inside the graph), not normalised again.
 """
 
 from __future__ import annotations
