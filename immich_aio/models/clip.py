@@ -90,7 +90,8 @@ def make_tokenizer(vocab: Path, context_length: int):
 
 
 class ClipTower(Model):
-    """One CLIP encoder: prepared items (one array per model input) batched across requests, L2-normalised out.
+    """One CLIP encoder: prepared items (one array per model input) batched across requests, L2-normalised out
+    (Immich's own towers, which normalise inside the graph, send the row as it is: clip_immich.py).
 
     Image towers run in the background lane; text towers (a person searching) are interactive and never wait
     for a background slot. A model exported with a fixed batch of 1 runs its items one by one.
@@ -120,8 +121,8 @@ class ClipTower(Model):
     def embed(self, items: Sequence[tuple[np.ndarray, ...]]) -> np.ndarray:
         """Run prepared items (any number) and return the model's rows as they come out.
 
-        The raw rows are the output: Immich's answer L2-normalises them (`response`); the MT Photos API sends
-        them as the official service does, un-normalised.
+        The raw rows are the output: Immich's answer L2-normalises them (`response`, except for Immich's own
+        towers); the MT Photos API sends them as the official service does, un-normalised.
         """
         assert self.session is not None
         if self.fixed_batch_1 and len(items) > 1:
