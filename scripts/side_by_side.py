@@ -309,8 +309,23 @@ def agreement(a: dict[str, list], b: dict[str, list]) -> dict[str, str]:
     total = sum(max(len(x), len(y)) for x, y in lines)
     alike = sum(sum((Counter(x) & Counter(y)).values()) for x, y in lines)
     order = "in the same order" if all(x == y for x, y in lines) else "in another order"
-    out["ocr"] = f"{alike} of {total} lines read alike, {order}"
+    # the boxes of lines read alike, matched by their text (each box: 8 corner coordinates over the image's size)
+    shifts = [
+        abs(p - q)
+        for x, y in zip(a["ocr"], b["ocr"], strict=True)
+        for text, box in _boxes(x).items()
+        if text in (other := _boxes(y))
+        for p, q in zip(box, other[text], strict=True)
+    ]
+    where = f", their boxes within {100 * max(shifts):.1f} % of the image" if shifts else ""
+    out["ocr"] = f"{alike} of {total} lines read alike, {order}{where}"
     return out
+
+
+def _boxes(ocr: dict) -> dict[str, list[float]]:
+    """Each line's box by its text (OCR's flat list, 8 per line), for lines whose text is there once."""
+    texts = ocr["text"]
+    return {t: ocr["box"][8 * i : 8 * i + 8] for i, t in enumerate(texts) if texts.count(t) == 1}
 
 
 def _norm(v: list[float]) -> float:

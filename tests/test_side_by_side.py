@@ -153,18 +153,19 @@ def test_the_two_servers_answers_are_compared_task_by_task():
             "clip": [[0.6, 0.8 * scale]],
             "search": [[1.0, 0.0]],
             "face": [[face, face] if extra_face else [face]],
-            "ocr": [{"text": list(lines), "box": []}],
+            "ocr": [{"text": list(lines), "box": [0.1 * scale] * 8 * len(lines)}],
         }
 
     same = sbs.agreement(answers(), answers())
     assert same["clip"] == "cosine ≥ 1.0000000, largest difference 0.0e+00"
     assert same["faces"].startswith("1 alike, boxes within 0 px")
-    assert same["ocr"] == "2 of 2 lines read alike, in the same order"
+    assert same["ocr"] == "2 of 2 lines read alike, in the same order, their boxes within 0.0 % of the image"
 
     moved = sbs.agreement(answers(), answers(scale=1.001, lines=("合计 19.30元", "发票")))
     assert "largest difference 8.0e-04" in moved["clip"] and "1.0000000" not in moved["clip"]
     assert "largest difference 3.0e-03" in moved["faces"]
-    assert moved["ocr"] == "2 of 2 lines read alike, in another order"
+    assert moved["ocr"] == "2 of 2 lines read alike, in another order, their boxes within 0.0 % of the image"
+    assert sbs.agreement(answers(), answers(scale=1.5))["ocr"].endswith("within 5.0 % of the image")
     assert sbs.agreement(answers(), answers(lines=("发票", "合计19.30元")))["ocr"].startswith("1 of 2 lines")
     assert sbs.agreement(answers(), answers(extra_face=True))["faces"] == (
         "different faces found: [1] against [2] per photo"
