@@ -24,7 +24,9 @@ crashed, disagreed or timed out leaves a `not-packed` note and is not tried agai
 
 Each copy is made from the model's graph with its constant scales and shifts folded into its convolutions
 (graph_fold.py: PP-OCR's models run in about 0.8 of their time) and its per-channel PRelus written as convolutions
-(graph_prelu.py: an ArcFace IResNet-50 in about 0.9), where the child finds it gives the same outputs.
+(graph_prelu.py: an ArcFace IResNet-50 in about 0.9), where the child finds it gives the same outputs; a CLIP image
+tower's copy does its last block's row-by-row work for the one row its output reads (graph_pool.py: a ViT-B/16 in
+about 0.95), where the child finds its outputs the same to the bit.
 
 Each copy is saved with its read order (ort_pack.READ_ORDER), so that a load from a paged-out disk asks the kernel
 for its weights in the order ONNX Runtime reads them, while the session is built (`read_ahead`); a model's own file
@@ -60,8 +62,8 @@ log = logging.getLogger(__name__)
 
 FOLDER = ".ort-cache"  # under the model store; the store's task folders never have this name
 # bump when what an entry holds changes (2: ort_pack.READ_ORDER; 3: graph_fold.py; 4: graph_prelu.py; 5: graph_fold's
-# depthwise convolutions)
-FORMAT = 5
+# depthwise convolutions; 6: graph_pool.py)
+FORMAT = 6
 ABOUT = "source.json"
 PACKED = "packed"  # an entry's folder of the same graph with packed weights, made and checked by ort_pack.py
 NOT_PACKED = "not-packed"  # an entry's note of why its packed copy was refused: it is not tried again
@@ -401,6 +403,9 @@ def _rewrites(entry: Path) -> str:
             (prelu, "PRelus written as convolutions"),
         )
         return f" ({', '.join(f'{n} {what}' for n, what in kinds if n)})"
+    pooled = said.get("pooled")
+    if type(pooled) is int and pooled > 0:  # (a bool is an int to isinstance)
+        return f" (its last {pooled} row-by-row nodes computed for the row its output reads alone)"
     why = said.get("why")
     return f" (not folded: {why})" if isinstance(why, str) and why != "nothing to fold" else ""
 

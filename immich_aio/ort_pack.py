@@ -18,7 +18,10 @@ Both start from the source graph rewritten for the CPU's kernels: its constant s
 convolutions (graph_fold.py; PP-OCR's detectors and recognisers run in about 0.8 of their time) and its per-channel
 PRelus written as convolutions (graph_prelu.py; an ArcFace IResNet-50 in about 0.9), but only after this child has
 run the rewritten graph beside the source's on the same inputs and found them equal; otherwise from the source as it
-is. What was done is written to `REWRITES`; `pack` reads the entry's and rewrites only when the entry's child did, so
+is. A CLIP image tower, which has nothing to fold, gets its last block's row-by-row work done for the one row its
+output reads (graph_pool.py: a ViT-B/16 runs in about 0.95 of its time), on its mapped graph (mapped_load.py, so
+the tower is not parsed whole here), and only where its outputs stay the source's to the bit. What was done is
+written to `REWRITES`; `pack` reads the entry's and rewrites only when the entry's child did, so
 that both copies hold one graph and a model with nothing to rewrite (a CLIP tower) is not read twice.
 
 Usage: python -m immich_aio.ort_pack entry SOURCE FOLDER | pack SOURCE FOLDER ENTRY
@@ -35,10 +38,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort  # after the package's __init__, which turns ONNX Runtime's telemetry off
 
+from immich_aio import mapped_load
+from immich_aio.mapped_load import FOLDER_KEY
+
 GRAPH, WEIGHTS = "model.onnx", "weights.bin"  # an entry's files (ort_cache.py)
 READ_ORDER = "read-order.json"  # [[offset, length], ...] of WEIGHTS, in the order a session reads them
 # {"folded": n, "prelu": p, "depthwise": d} or {"folded": 0, "why": ...}: what was rewritten in the source; n counts
-# every rewritten node, p the PRelus and d the scales and shifts written as convolutions of their own among them
+# every rewritten node, p the PRelus and d the scales and shifts written as convolutions of their own among them;
+# with "pooled": k when k nodes of an unfolded graph's tail take its output's row alone (graph_pool.py)
 REWRITES = "rewrites.json"
 FOLD_MAX_BYTES = 256 << 20  # a graph rewritten in memory is held several times over (an IResNet-50's 174 MB: 1.2 GB)
 FREE_DIM = 64  # a free dimension's size when the folded graph is checked (a multiple of the detectors' stride)
@@ -176,6 +183,67 @@ def folded(source: Path) -> tuple[bytes | None, dict[str, object]]:
     return data, {"folded": count, "prelu": prelu, "depthwise": affine.depthwise}
 
 
+def pooled(source: Path) -> tuple[bytes | None, int]:
+    """The source's mapped graph (mapped_load.py: its weights where they lie in the source file) with the row-by-row
+    work before its output's Gather of row 0 taking that row alone (graph_pool.py), and how many nodes do, where
+    there are such nodes and the outputs stay the source's to the bit; else None."""
+    import onnx
+
+    from immich_aio.graph_pool import pool_tail
+
+    try:
+        graph = _mapped_graph(source)
+        model = onnx.load_from_string(graph)
+        count = pool_tail(model)
+        if not count:
+            return None, 0
+        rewritten = model.SerializeToString()
+        del model
+        why = inexact(source, rewritten)
+    except Exception as e:  # a graph the walk or the rewrite cannot take is saved as it is
+        why = f"could not be rewritten ({type(e).__name__}: {str(e)[:200]})"
+    if why is not None:
+        print(f"not pooled: {why}", file=sys.stderr)
+        return None, 0
+    return rewritten, count
+
+
+def _mapped_graph(source: Path) -> bytes:
+    """mapped_load's graph of the file, its weights referred to where they lie (ValueError where the walk cannot
+    take it: a text tower's word table kept in the graph is over its limit)."""
+    import mmap
+
+    path = source.resolve()  # the weights are referred to beside the real file (FOLDER_KEY: its folder)
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            graph, why = mapped_load.graph_with_mapped_weights(buf, path.name)[0], ""
+        except (ValueError, IndexError) as e:
+            graph, why = b"", str(e) or type(e).__name__
+        buf.close()  # after the error is let go: its traceback held a view of the mapping
+    if why:
+        raise ValueError(why)
+    return graph
+
+
+def inexact(source: Path, rewritten: bytes) -> str | None:
+    """Why the rewritten mapped graph's outputs are not the source's to the bit (batches 1 and 2 where the batch is
+    free), or None."""
+    outputs: list[list[np.ndarray]] = []
+    for model in (str(source), rewritten):  # one session at a time, each let go before the next
+        opts = options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        opts.add_session_config_entry(FOLDER_KEY, str(source.resolve().parent))
+        session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        inputs = session.get_inputs()
+        batches = (1, 2) if not isinstance(inputs[0].shape[0], int) else (1,)
+        outputs.append([o for b in batches for o in session.run(None, feeds(inputs, b, np.random.default_rng(b)))])
+        del session
+    for i, (want, got) in enumerate(zip(*outputs, strict=True)):
+        if want.shape != got.shape or not np.array_equal(want, got):
+            return f"output {i} differs from the source's"
+    return None
+
+
 def disagreement(source: bytes, rewritten: bytes) -> str | None:
     """Why the rewritten graph's outputs are not the source's (batch 1, free dimensions FREE_DIM), or None.
 
@@ -235,6 +303,14 @@ def main(argv: list[str]) -> int:
     else:  # a folded entry: its packed copy must be the same folded graph, checked again here
         rewritten, rewrites = folded(source)
     saving_opts = saving(options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL), folder, packed=mode == "pack")
+    if rewritten is None and (said is None or said.get("pooled")):  # the entry's packed copy: its graph again
+        rewritten, count = pooled(source)
+        if count:
+            rewrites = {**rewrites, "pooled": count}
+            saving_opts.add_session_config_entry(FOLDER_KEY, str(source.resolve().parent))  # weights: the source's
+        elif said is not None:
+            print("not packed: the entry's pooled graph could not be made again", file=sys.stderr)
+            return EXIT_DISAGREES
     model = rewritten if rewritten is not None else str(source)
     reference = ort.InferenceSession(model, saving_opts, providers=["CPUExecutionProvider"])  # saves it
     del rewritten, model

@@ -465,6 +465,11 @@ def test_the_packed_copy_is_made_from_the_graph_the_entry_holds(tmp_path, monkey
         ('{"folded": 10, "prelu": 6, "depthwise": 6}', " (10 constant scales and shifts folded into its convolutions)"),
         ('{"folded": 0, "why": "too large to fold in memory"}', " (not folded: too large to fold in memory)"),
         ('{"folded": 0, "why": "nothing to fold"}', ""),  # most models: nothing worth saying
+        (
+            '{"folded": 0, "why": "too large to fold in memory", "pooled": 13}',
+            " (its last 13 row-by-row nodes computed for the row its output reads alone)",
+        ),
+        ('{"folded": 0, "why": "nothing to fold", "pooled": true}', ""),  # not what ort_pack.py writes
         ('{"folded": "128"}', ""),  # not what ort_pack.py writes
         ("[]", ""),
         (None, ""),
