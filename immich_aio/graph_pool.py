@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from immich_aio.graph_split import RANDOM_OPS
+
 UNARY = frozenset(
     {"Abs", "Cast", "Elu", "Erf", "Exp", "Gelu", "HardSigmoid", "HardSwish", "Identity", "LeakyRelu", "Log", "Neg",
      "Reciprocal", "Relu", "Sigmoid", "Softplus", "Sqrt", "Tanh"}
@@ -64,7 +66,7 @@ class _Graph:
                 if value is not None:
                     self.shapes[n.output[0]] = list(value.dims)
                     self.values[n.output[0]] = numpy_helper.to_array(value) if np.prod(value.dims) <= 64 else None
-            elif n.input and all(i in self.values for i in n.input if i) and n.op_type not in ("RandomNormal",):
+            elif n.input and all(i in self.values for i in n.input if i) and n.op_type not in RANDOM_OPS:
                 self.values.update((o, None) for o in n.output if o)  # made from constants alone: constant
 
     def constant(self, name: str) -> bool:
@@ -193,11 +195,10 @@ def _tail(g: _Graph, pool: int, data: str, axis: int) -> tuple[set[int], dict[st
     """The nodes before node `pool` (which reads row 0 of `data` along `axis`) that may take that row alone, and the
     token axis of each tensor they read."""
     token = {data: axis}
-    tail: set[int] = set()
-    joined = tail | {pool}
+    joined = {pool}  # the tail and the Gather that reads it
     start = g.made_by.get(data)
     if start is None:
-        return tail, token
+        return set(), token
     for k in range(start, -1, -1):
         node = g.nodes[k]
         outs = [o for o in node.output if o and (o in g.readers or o in g.outputs)]
@@ -209,6 +210,5 @@ def _tail(g: _Graph, pool: int, data: str, axis: int) -> tuple[set[int], dict[st
         if mapped is None or any(token.get(i, a) != a for i, a in mapped.items()):
             continue
         token.update(mapped)
-        tail.add(k)
         joined.add(k)
-    return tail, token
+    return joined - {pool}, token

@@ -88,9 +88,7 @@ def session(
         if not stat.S_ISREG(info.st_mode) or info.st_size < MIN_FILE_BYTES:
             return None
         read = stat_identity(info)
-        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buf:
-            _random_access(buf)
-            graph, mapped = graph_with_mapped_weights(buf, path.name)
+        graph, mapped = walk_file(fd, path.name)
     except (OSError, ValueError, IndexError, BufferError) as e:  # not a protobuf this walk follows: the usual load
         log.debug("%s: loading its weights by copy (%s)", source, e)
         return None
@@ -171,6 +169,19 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def walk_file(fd: int, name: str) -> tuple[bytes, int]:
+    """graph_with_mapped_weights of an open file, mapped for the walk and unmapped after it. A file the walk cannot
+    take raises ValueError with the walk's reason (its traceback, which holds a view of the mapping, let go first:
+    closing the mapping under it raised BufferError instead)."""
+    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            _random_access(buf)
+            return graph_with_mapped_weights(buf, name)
+        except (ValueError, IndexError) as e:
+            failed = ValueError(str(e) or type(e).__name__)
+    raise failed
 
 
 def _random_access(buf: mmap.mmap) -> None:

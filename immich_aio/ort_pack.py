@@ -22,7 +22,7 @@ is. A CLIP image tower, which has nothing to fold, gets its last block's row-by-
 output reads (graph_pool.py: a ViT-B/16 runs in about 0.95 of its time), on its mapped graph (mapped_load.py, so
 the tower is not parsed whole here), and only where its outputs stay the source's to the bit. What was done is
 written to `REWRITES`; `pack` reads the entry's and rewrites only when the entry's child did, so
-that both copies hold one graph and a model with nothing to rewrite (a CLIP tower) is not read twice.
+that both copies hold one graph and a model with nothing to rewrite is not read twice.
 
 Usage: python -m immich_aio.ort_pack entry SOURCE FOLDER | pack SOURCE FOLDER ENTRY
 """
@@ -211,19 +211,9 @@ def pooled(source: Path) -> tuple[bytes | None, int]:
 def _mapped_graph(source: Path) -> bytes:
     """mapped_load's graph of the file, its weights referred to where they lie (ValueError where the walk cannot
     take it: a text tower's word table kept in the graph is over its limit)."""
-    import mmap
-
     path = source.resolve()  # the weights are referred to beside the real file (FOLDER_KEY: its folder)
     with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            graph, why = mapped_load.graph_with_mapped_weights(buf, path.name)[0], ""
-        except (ValueError, IndexError) as e:
-            graph, why = b"", str(e) or type(e).__name__
-        buf.close()  # after the error is let go: its traceback held a view of the mapping
-    if why:
-        raise ValueError(why)
-    return graph
+        return mapped_load.walk_file(f.fileno(), path.name)[0]
 
 
 def inexact(source: Path, rewritten: bytes) -> str | None:
