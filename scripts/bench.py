@@ -321,6 +321,24 @@ def tree(pid: int) -> list[int]:
     return out
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) the process tree has used so far, in seconds; children it has reaped included (an
+    ort_pack child of immich-aio's, gunicorn's first worker), so the difference over a phase is that phase's work."""
+    if pid is None:
+        return float("nan")
+    ticks = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except OSError:
+            if p == pid:
+                raise
+            continue
+        ticks += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 SMAPS_FIELDS = {"Pss"}  # read from /proc/<pid>/smaps_rollup; every other field from /proc/<pid>/status
 
 
@@ -424,6 +442,7 @@ class Load:
         self.latency: dict[str, list[float]] = defaultdict(list)
         self.errors: dict[str, int] = defaultdict(int)
         self.done: dict[str, int] = defaultdict(int)
+        self.seconds = self.elapsed = 0.0
         self.lock = threading.Lock()
 
     def one(self, client: httpx.Client, task: str, i: int) -> None:
@@ -453,7 +472,8 @@ class Load:
 
     def run(self, plan: list[tuple[str, float]], seconds: float, pid: int | None = None) -> list[float]:
         """plan: (task, period; 0 = back to back) per stream. Returns RSS samples (MB, 1 per second)."""
-        deadline = time.monotonic() + seconds
+        started = time.monotonic()
+        deadline = started + seconds
         threads = [
             threading.Thread(target=self.stream, args=(t, deadline, k * 3, every)) for k, (t, every) in enumerate(plan)
         ]
@@ -466,6 +486,7 @@ class Load:
         for t in threads:
             t.join()
         self.seconds = seconds
+        self.elapsed = time.monotonic() - started  # the deadline, and the last requests finishing after it
         return samples
 
     def mean_ms(self, task: str) -> float:

@@ -21,8 +21,9 @@ container's memory counts it; RSS counts a page once per mapping) sampled four t
     a minute); the other phases start from files in memory;
  2. one request at a time per task (p50 over the 1440-px previews);
  3. idle, every model loaded (what RSS settles at in the last 3 s);
- 4. each image task alone at 8 concurrent requests (throughput, peak RSS);
- 5. Immich's job mix: 2 CLIP + 2 face + 1 OCR streams and a search every 2 s (throughput, search p95, peak RSS);
+ 4. each image task alone at 8 concurrent requests (throughput, peak RSS, the process tree's CPU time per request);
+ 5. Immich's job mix: 2 CLIP + 2 face + 1 OCR streams and a search every 2 s (throughput, search p95, peak RSS,
+    cores busy, and each task's share of the CPU: its throughput times its CPU time per request alone);
  6. started again with a 4 s model TTL: the same image mix with a search every 7 s, so that every search
     loads its model again under load (what the default 300 s TTL does to a household's occasional search).
 In round 1 each server's answers to the same three previews and two searches are kept, and how far apart the two
@@ -63,7 +64,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
-from bench import ENTRIES, ROOT, Load, RssMonitor, allocator_in, form, free_port, previews, tree, wait_until_up
+from bench import (
+    ENTRIES,
+    ROOT,
+    Load,
+    RssMonitor,
+    allocator_in,
+    cpu_seconds,
+    form,
+    free_port,
+    previews,
+    tree,
+    wait_until_up,
+)
 
 CLIP = "ViT-B-16__openai"
 SIDE_ENTRIES = {
@@ -245,13 +258,18 @@ def one_run(server: Server, images: list[bytes], args: argparse.Namespace, say, 
         for t in IMAGE_TASKS:
             rss.phase = f"alone {t}"
             load = Load(base, images, SIDE_ENTRIES)
+            cpu = cpu_seconds(pid)
             load.run([(t, 0)] * 8, args.alone)
+            cpu = cpu_seconds(pid) - cpu
             alone[t] = load.summary(t) | {"peak_rss_mb": max(rss.samples[f"alone {t}"], default=float("nan")),
-                                          "peak_pss_mb": max(rss.pss[f"alone {t}"], default=float("nan"))}  # fmt: skip
+                                          "peak_pss_mb": max(rss.pss[f"alone {t}"], default=float("nan")),
+                                          "cpu_ms": 1000 * cpu / max(1, load.done[t])}  # fmt: skip
         out["alone"] = alone
         rss.phase = "mix"
         mix = Load(base, images, SIDE_ENTRIES)
+        cpu = cpu_seconds(pid)
         mix.run([("clip", 0), ("clip", 0), ("face", 0), ("face", 0), ("ocr", 0), ("search", 2.0)], args.mix)
+        out["mix_cores"] = (cpu_seconds(pid) - cpu) / mix.elapsed
         out["mix"] = {t: mix.summary(t) for t in TASKS}
         out["mix_peak_rss_mb"] = max(rss.samples["mix"])
         out["mix_peak_anon_mb"] = max(rss.anon["mix"])
@@ -336,6 +354,24 @@ def agreement_line(found: dict[str, str]) -> str:
     return "Answers to the same inputs, immich-aio against Immich ML (round 1): " + "; ".join(
         f"{k}: {v}" for k, v in found.items()
     )
+
+
+def cpu_split(run: dict) -> dict[str, float]:
+    """The share of the mix's image work per task, each task's mix throughput times its CPU time per request alone:
+    where a server's cores went in Immich's mix (what moving them from one task to another could buy)."""
+    work = {t: run["mix"][t]["throughput"] * run["alone"][t]["cpu_ms"] for t in IMAGE_TASKS}
+    total = sum(work.values())
+    return {t: w / total if total else float("nan") for t, w in work.items()}
+
+
+def split_line(runs: dict[str, list[dict]]) -> str:
+    """cpu_split of each server, the median of its rounds, in words."""
+    parts = []
+    for name, rounds in runs.items():
+        shares = {t: statistics.median(cpu_split(r)[t] for r in rounds) for t in IMAGE_TASKS}
+        cores = statistics.median(r["mix_cores"] for r in rounds)
+        parts.append(f"{name} {cores:.2f} cores busy, " + " / ".join(f"{t} {100 * v:.0f} %" for t, v in shares.items()))
+    return "Immich mix, where the CPU went (throughput × CPU time per request alone): " + "; ".join(parts)
 
 
 def face_counts(base: str, images: list[bytes]) -> list[int]:
@@ -433,7 +469,12 @@ FIGURES: list[tuple[str, str, object]] = [
       for t in IMAGE_TASKS],
     *[(f"alone at 8 concurrent, {t} peak RSS", "MB", lambda r, t=t: r["alone"][t]["peak_rss_mb"])
       for t in IMAGE_TASKS],
+    # the whole process tree's CPU time over the phase per request answered: what a request costs, its share of
+    # the decoding, serving and waiting threads included
+    *[(f"alone at 8 concurrent, {t} CPU time per request", "ms", lambda r, t=t: r["alone"][t]["cpu_ms"])
+      for t in IMAGE_TASKS],
     *[(f"Immich mix, {t} throughput", "/s", lambda r, t=t: r["mix"][t]["throughput"]) for t in IMAGE_TASKS],
+    ("Immich mix, cores busy (CPU time ÷ wall time)", "cores", lambda r: r["mix_cores"]),
     ("Immich mix, search p95", "ms", lambda r: r["mix"]["search"]["p95_ms"]),
     ("Immich mix, peak RSS", "MB", lambda r: r["mix_peak_rss_mb"]),
     ("peak RSS, any phase (loading included)", "MB", lambda r: r["peak_rss_mb"]),
@@ -563,6 +604,7 @@ def main() -> int:
           f"{alloc[IML]}); {args.rounds} rounds A B, mix {args.mix:.0f} s")  # fmt: skip
     print(markdown(rows))
     found = agreement(runs[AIO][0]["answers"], runs[IML][0]["answers"])
+    print("\n" + split_line(runs))
     print("\n" + agreement_line(found))
     if args.json:
         args.json.write_text(json.dumps({**info, "runs": runs, "rows": rows, "agreement": found}, indent=2))

@@ -171,3 +171,41 @@ def test_the_two_servers_answers_are_compared_task_by_task():
         "different faces found: [1] against [2] per photo"
     )
     assert "faces: 1 alike" in sbs.agreement_line(same)
+
+
+BURN = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\n"
+
+
+def test_cpu_time_counts_the_tree_and_the_children_it_has_reaped():
+    """A gunicorn worker serves Immich ML's requests, and immich-aio's ort_pack children come and go: the CPU time of
+    a phase is the whole tree's, a child that has finished included."""
+    parent_code = (
+        "import subprocess, sys, time\n"
+        f"subprocess.run([sys.executable, '-c', {BURN.format(s=0.6)!r}])\n"  # finished and reaped: the parent's cutime
+        f"child = subprocess.Popen([sys.executable, '-c', {(BURN.format(s=0.6) + 'time.sleep(60)')!r}])\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 30
+        [child] = bench.tree(parent.pid)[1:]
+        while time.monotonic() < deadline and bench.cpu_seconds(child) < 0.6:
+            time.sleep(0.05)
+        assert bench.cpu_seconds(child) >= 0.6  # the running child, on its own
+        assert bench.cpu_seconds(parent.pid) >= bench.cpu_seconds(child) + 0.55  # and the reaped one, in the total
+    finally:
+        parent.kill()
+        parent.wait(10)
+
+
+def test_the_mix_cpu_split_weighs_throughput_by_cost():
+    run = {
+        "mix": {"clip": {"throughput": 2.0}, "face": {"throughput": 1.0}, "ocr": {"throughput": 1.0}},
+        "alone": {"clip": {"cpu_ms": 400.0}, "face": {"cpu_ms": 800.0}, "ocr": {"cpu_ms": 400.0}},
+        "mix_cores": 1.9,
+    }
+    assert sbs.cpu_split(run) == {"clip": 0.4, "face": 0.4, "ocr": 0.2}
+    line = sbs.split_line({sbs.AIO: [run], sbs.IML: [run | {"mix_cores": 1.5}]})
+    assert "immich-aio 1.90 cores busy, clip 40 % / face 40 % / ocr 20 %; Immich ML 1.50 cores busy" in line
