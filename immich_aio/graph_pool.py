@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from immich_aio.graph_fold import constants
 from immich_aio.graph_split import RANDOM_OPS
 
 UNARY = frozenset(
@@ -56,7 +57,7 @@ class _Graph:
             if t.HasField("shape"):
                 self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
         self.values: dict[str, np.ndarray | None] = {}  # constants: their value where it is inline, else None
-        for t in graph.initializer:
+        for t in constants(graph).values():  # not an initializer that is also an input: a caller may feed another
             self.shapes[t.name] = list(t.dims)
             inline = t.data_location != onnx.TensorProto.EXTERNAL and np.prod(t.dims) <= 64
             self.values[t.name] = numpy_helper.to_array(t) if inline else None

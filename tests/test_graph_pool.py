@@ -164,3 +164,15 @@ def test_a_tail_read_elsewhere_or_of_another_row_is_left_alone():
     other = tail_graph()
     next(i for i in other.graph.initializer if i.name == "zero").CopyFrom(numpy_helper.from_array(np.array(2), "zero"))
     assert graph_pool.pool_tail(other) == 0  # row 2, not the class row: not this rewrite's case
+
+
+def test_an_initializer_a_caller_may_feed_is_not_a_constant():
+    """An initializer also declared as a graph input is only a default (graph_fold.constants): the row read, or a
+    weight, may be fed otherwise, so nothing that depends on it being as stored is rewritten."""
+    model = tail_graph()
+    model.graph.input.append(helper.make_tensor_value_info("zero", TensorProto.INT64, []))
+    assert graph_pool.pool_tail(model) == 0  # the row read may not be row 0
+    model = tail_graph()
+    model.graph.input.append(helper.make_tensor_value_info("w2", TensorProto.FLOAT, [4 * D, D]))
+    # the walk stops at the last MatMul, whose weight may be fed: the sum alone is left, no product worth a rewrite
+    assert graph_pool.pool_tail(model) == 0
