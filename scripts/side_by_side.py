@@ -368,7 +368,8 @@ def split_line(runs: dict[str, list[dict]]) -> str:
     """cpu_split of each server, the median of its rounds, in words."""
     parts = []
     for name, rounds in runs.items():
-        shares = {t: statistics.median(cpu_split(r)[t] for r in rounds) for t in IMAGE_TASKS}
+        splits = [cpu_split(r) for r in rounds]
+        shares = {t: statistics.median(split[t] for split in splits) for t in IMAGE_TASKS}
         cores = statistics.median(r["mix_cores"] for r in rounds)
         parts.append(f"{name} {cores:.2f} cores busy, " + " / ".join(f"{t} {100 * v:.0f} %" for t, v in shares.items()))
     return "Immich mix, where the CPU went (throughput × CPU time per request alone): " + "; ".join(parts)
