@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -488,6 +489,59 @@ class Load:
         self.seconds = seconds
         self.elapsed = time.monotonic() - started  # the deadline, and the last requests finishing after it
         return samples
+
+    def library(self, queues: list[tuple[str, int]], photos: int, seconds: float, search_every: float = 0.0) -> dict:
+        """One library through Immich's queues: per (task, workers) the same `photos` photos, each taken once by
+        the first free worker of that queue, all queues at once, and a search every `search_every` s (0: none)
+        until the last queue is done. Returns the seconds until each queue was done (NaN: not by the deadline,
+        `seconds`, at which every worker stops by itself) and until all were.
+
+        Unlike the closed-loop mix, a queue that is done frees the CPU for the others, as a library's import
+        does: how the server shares the cores between tasks moves when each finishes, not the work to do."""
+        started = time.monotonic()
+        deadline = started + seconds
+        finished: dict[str, float] = {}
+        everything = threading.Event()
+
+        def worker(task: str, todo: Iterator[int], lock: threading.Lock) -> None:
+            with httpx.Client() as client:
+                while time.monotonic() < deadline:
+                    with lock:
+                        i = next(todo, None)
+                    if i is None:
+                        return
+                    self.one(client, task, i)
+
+        def queue(task: str, workers: int) -> None:
+            todo, lock = iter(range(photos)), threading.Lock()
+            threads = [threading.Thread(target=worker, args=(task, todo, lock)) for _ in range(workers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if self.done[task] + self.errors[task] >= photos:
+                finished[task] = time.monotonic() - started
+
+        def searches() -> None:
+            with httpx.Client() as client:
+                i = 0
+                while not everything.wait(search_every) and time.monotonic() < deadline:
+                    self.one(client, "search", i)
+                    i += 1
+
+        helpers = [threading.Thread(target=queue, args=q) for q in queues]
+        if search_every:
+            helpers.append(threading.Thread(target=searches))
+        for t in helpers:
+            t.start()
+        for t in helpers[: len(queues)]:
+            t.join()
+        everything.set()
+        for t in helpers[len(queues) :]:
+            t.join()
+        self.elapsed = self.seconds = time.monotonic() - started
+        done = {task: finished.get(task, float("nan")) for task, _ in queues}
+        return done | {"all": max(done.values()) if len(finished) == len(queues) else float("nan")}
 
     def mean_ms(self, task: str) -> float:
         lat = self.latency[task]

@@ -209,3 +209,86 @@ def test_the_mix_cpu_split_weighs_throughput_by_cost():
     assert sbs.cpu_split(run) == {"clip": 0.4, "face": 0.4, "ocr": 0.2}
     line = sbs.split_line({sbs.AIO: [run], sbs.IML: [run | {"mix_cores": 1.5}]})
     assert "immich-aio 1.90 cores busy, clip 40 % / face 40 % / ocr 20 %; Immich ML 1.50 cores busy" in line
+
+
+@contextlib.contextmanager
+def fake_ml(delay: dict[str, float], workers: dict[str, int]) -> Iterator[tuple[str, dict]]:
+    """A stand-in /predict on 127.0.0.1 that takes `delay[task]` s per request and records, per task, each photo
+    it was sent and the most requests in flight at once. The first request of a task waits (10 s at most) until
+    `workers[task]` are in flight, so a queue that runs its workers one after another is seen, not raced."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: dict = {"photos": {}, "peak": {}, "searches": 0}
+    lock, flying, arrived = threading.Lock(), {t: 0 for t in workers}, {t: threading.Event() for t in workers}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if not self.headers["Content-Type"].startswith("multipart/"):
+                task = "search"  # a text, sent urlencoded
+            else:
+                entries = json.loads(body.split(b'name="entries"\r\n\r\n', 1)[1].split(b"\r\n", 1)[0])
+                task = {"clip": "clip", "facial-recognition": "face", "ocr": "ocr"}[next(iter(entries))]
+            if task == "search":
+                with lock:
+                    seen["searches"] += 1
+            else:
+                photo = body.split(b'filename="blob"', 1)[1].split(b"\r\n\r\n", 1)[1].split(b"\r\n--", 1)[0]
+                with lock:
+                    seen["photos"].setdefault(task, []).append(photo)
+                    flying[task] += 1
+                    first = len(seen["photos"][task]) == 1
+                    seen["peak"][task] = max(seen["peak"].get(task, 0), flying[task])
+                    if flying[task] >= workers[task]:
+                        arrived[task].set()
+                if first:
+                    arrived[task].wait(10)
+                time.sleep(delay[task])
+                with lock:
+                    flying[task] -= 1
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_library_takes_each_photo_once_per_queue_with_that_queues_workers():
+    """Immich runs one job per photo and task, each queue with its own concurrency (2 CLIP, 2 face, 1 OCR)."""
+    queues = {"clip": 2, "face": 2, "ocr": 1}
+    photos = [b"photo-a", b"photo-b", b"photo-c"]
+    with fake_ml({"clip": 0.01, "face": 0.03, "ocr": 0.01}, queues) as (base, seen):
+        load = bench.Load(base, photos, sbs.SIDE_ENTRIES)
+        done = load.library(list(queues.items()), photos=7, seconds=120, search_every=0.02)
+    for task, workers in queues.items():
+        assert sorted(seen["photos"][task]) == sorted(photos[i % 3] for i in range(7))  # each of the 7 once
+        assert seen["peak"][task] == workers
+        assert load.done[task] == 7 and not load.errors[task]
+        assert 0 < done[task] <= done["all"]
+    assert done["all"] == max(done[t] for t in queues)
+    assert seen["searches"] >= 1 and load.done["search"] == seen["searches"] and not load.errors["search"]
+
+
+def test_a_library_stops_at_its_deadline_and_says_which_queues_were_not_done():
+    with fake_ml({"clip": 0.0, "face": 0.2, "ocr": 0.0}, {"clip": 1, "face": 1, "ocr": 1}) as (base, seen):
+        load = bench.Load(base, [b"x"], sbs.SIDE_ENTRIES)
+        started = time.monotonic()
+        done = load.library([("clip", 1), ("face", 1), ("ocr", 1)], photos=100, seconds=1.0)
+        assert time.monotonic() - started < 30  # each worker stopped by itself, not after its 100 photos
+    assert done["clip"] > 0 and done["ocr"] > 0  # quick queues finished
+    assert done["face"] != done["face"] and done["all"] != done["all"]  # NaN: not done by the deadline
+    assert len(seen["photos"]["face"]) < 100
+    assert not any(load.errors.values())
