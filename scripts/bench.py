@@ -523,9 +523,13 @@ class Load:
                 finished[task] = time.monotonic() - started
 
         def searches() -> None:
+            # paced from each search's start, as the mix's stream is: waiting `search_every` after each answer left
+            # the connection idle exactly as long as both servers keep it alive (2 s), and a search now and then
+            # met it closing
             with httpx.Client() as client:
-                i = 0
-                while not everything.wait(search_every) and time.monotonic() < deadline:
+                i, due = 0, started + search_every
+                while not everything.wait(max(0.0, due - time.monotonic())) and time.monotonic() < deadline:
+                    due = time.monotonic() + search_every
                     self.one(client, "search", i)
                     i += 1
 
