@@ -230,7 +230,7 @@ class Settings:
     short_runs_lane: bool = False  # CPU: OCR's short runs get a slot of their own beside concurrent_runs
     split_runs: bool = True  # CPU: under a backlog two runs of half the threads share a slot (SessionFactory)
     background_nice: int = 10  # how much lower the backlog's threads run than a search's (priority.py)
-    keepalive_s: float = 2.0
+    keepalive_s: float = 5.0  # Immich ML's is 2; above undici's own 4 s, so that Immich's server lets go first
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     max_connections: int = 1000

@@ -51,11 +51,11 @@ class TimedH11Protocol(H11Protocol):
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:
             self._cancel_header_timer()  # the request line and headers are in
+        elif self._header_timer is None and not self.transport.is_closing():
+            self._arm_header_timer()  # the first bytes of the next request on this connection: the same deadline
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm_header_timer()  # the next request on this connection gets the same deadline
+    # Between requests the connection is idle and uvicorn's keep-alive closes it, after the time every response says
+    # (server_config): a header deadline armed there closed it sooner, against what the client was told.
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
@@ -131,19 +131,36 @@ def dual_stack_socket(port: int) -> socket.socket:
     return sock
 
 
-def serve(settings: Settings, app: Any) -> None:
-    config = uvicorn.Config(
+def keep_alive_s(settings: Settings) -> int:
+    """Whole seconds an idle connection is kept: what uvicorn holds it for and what every response says."""
+    return max(1, round(settings.keepalive_s))
+
+
+def server_config(settings: Settings, app: Any, host: str | None = None) -> uvicorn.Config:
+    """uvicorn's settings for this app (`host`: a test's own, instead of the configured one).
+
+    Every response says how long an idle connection stays open (`Keep-Alive: timeout=N`). Immich's server posts with
+    Node's fetch (undici), which otherwise keeps an idle connection 4 s and sends the next request on it even when
+    the server has just closed it: that request fails ("other side closed", EPIPE) and Immich drops its job. Told
+    N, undici lets the connection go 2 s before the server does (at N <= 2 it does not reuse it at all)."""
+    keep = keep_alive_s(settings)
+    return uvicorn.Config(
         app,
-        host=settings.bind_host,
+        host=host or settings.bind_host,
         port=settings.port,
         http=protocol_class(settings),
         log_level=settings.log_level,
-        timeout_keep_alive=max(1, round(settings.keepalive_s)),
+        timeout_keep_alive=keep,
+        headers=[("Keep-Alive", f"timeout={keep}")],
         timeout_graceful_shutdown=5,
         limit_concurrency=settings.max_connections,
         access_log=False,  # our own, opt-in: IMMICH_AIO_ACCESS_LOG
         log_config=None,  # logging is configured once, by the CLI
     )
+
+
+def serve(settings: Settings, app: Any) -> None:
+    config = server_config(settings, app)
     server = Server(config, app, settings.shutdown_grace_s)
     if settings.bind_host == "::":
         server.run(sockets=[dual_stack_socket(settings.port)])

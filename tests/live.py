@@ -74,22 +74,11 @@ class InProcessServer:
     """The app under the project's own uvicorn server, on a thread, so tests can reach into its runtime."""
 
     def __init__(self, settings) -> None:
-        import uvicorn
-
         from immich_aio.app import create_app
-        from immich_aio.serving import Server, protocol_class
+        from immich_aio.serving import Server, server_config
 
         self.app = create_app(settings)
-        config = uvicorn.Config(
-            self.app,
-            host="127.0.0.1",
-            port=settings.port,
-            http=protocol_class(settings),
-            log_config=None,
-            timeout_keep_alive=2,
-            access_log=False,
-        )
-        self.server = Server(config, self.app, settings.shutdown_grace_s)
+        self.server = Server(server_config(settings, self.app, "127.0.0.1"), self.app, settings.shutdown_grace_s)
         self.url = f"http://127.0.0.1:{settings.port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

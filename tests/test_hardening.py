@@ -356,6 +356,52 @@ def test_client_that_never_finishes_its_headers_is_disconnected(live):
     assert any("no complete request" in line for line in logs.lines(logging.INFO))
 
 
+def test_every_response_says_how_long_an_idle_connection_stays_and_it_stays_that_long(store):
+    """Immich's server (Node's fetch, undici) keeps an idle connection 4 s unless a response says otherwise, and a
+    request sent just as the server closes it fails ("other side closed", EPIPE; 2 of 8 with Node 20's fetch idling
+    exactly the old 2 s): Immich drops that job. Each response says the server's keep-alive, in whole seconds, as
+    the server holds it, so undici lets the connection go before the server does."""
+    settings = settings_for(store, IMMICH_PORT=str(free_port()), MACHINE_LEARNING_HTTP_KEEPALIVE_TIMEOUT_S="2.6")
+    with InProcessServer(settings) as srv:
+        sock = _connect(srv.url)
+        try:
+            sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert "\r\nkeep-alive: timeout=3\r\n" in _reply(sock).lower()  # 2.6 s, held as uvicorn holds it
+            time.sleep(1.5)  # idle, well within what was said: the connection is still there
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            refused = _reply(sock)
+            assert refused.startswith("HTTP/1.1 4") and "\r\nkeep-alive: timeout=3\r\n" in refused.lower()
+            idle = time.monotonic()
+            assert sock.recv(100) == b""  # then the server closes it (the socket's own timeout: 10 s)
+            assert time.monotonic() - idle >= 2.9  # not before the 3 s it said
+        finally:
+            sock.close()
+
+
+def test_a_connection_idle_between_requests_is_kept_as_said_and_a_slow_next_request_still_times_out(store):
+    """The header deadline is for a request that has begun; an idle connection is the keep-alive's, longer here."""
+    settings = settings_for(
+        store,
+        IMMICH_PORT=str(free_port()),
+        MACHINE_LEARNING_HTTP_KEEPALIVE_TIMEOUT_S="30",
+        IMMICH_AIO_HEADER_TIMEOUT_S="1",
+    )
+    with InProcessServer(settings) as srv:
+        sock = _connect(srv.url)
+        try:
+            sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert "\r\nkeep-alive: timeout=30\r\n" in _reply(sock).lower()
+            time.sleep(2.0)  # idle past the header deadline, well within the keep-alive
+            sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _reply(sock).endswith("pong")
+            sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n")  # a third request that never finishes its headers
+            begun = time.monotonic()
+            assert sock.recv(100) == b""
+            assert time.monotonic() - begun < 9  # its header deadline (1 s), not the keep-alive (30 s)
+        finally:
+            sock.close()
+
+
 def test_stalled_body_gets_a_408(live):
     sock = _connect(live.url)
     body = b'--b\r\nContent-Disposition: form-data; name="entries"\r\n\r\n{}'
