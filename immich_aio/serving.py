@@ -131,11 +131,6 @@ def dual_stack_socket(port: int) -> socket.socket:
     return sock
 
 
-def keep_alive_s(settings: Settings) -> int:
-    """Whole seconds an idle connection is kept: what uvicorn holds it for and what every response says."""
-    return max(1, round(settings.keepalive_s))
-
-
 def server_config(settings: Settings, app: Any, host: str | None = None) -> uvicorn.Config:
     """uvicorn's settings for this app (`host`: a test's own, instead of the configured one).
 
@@ -143,7 +138,7 @@ def server_config(settings: Settings, app: Any, host: str | None = None) -> uvic
     Node's fetch (undici), which otherwise keeps an idle connection 4 s and sends the next request on it even when
     the server has just closed it: that request fails ("other side closed", EPIPE) and Immich drops its job. Told
     N, undici lets the connection go 2 s before the server does (at N <= 2 it does not reuse it at all)."""
-    keep = keep_alive_s(settings)
+    keep = max(1, round(settings.keepalive_s))  # whole seconds: what uvicorn holds and every response says
     return uvicorn.Config(
         app,
         host=host or settings.bind_host,

@@ -461,15 +461,21 @@ class Load:
             else:
                 self.errors[task] += 1
 
-    def stream(self, task: str, deadline: float, offset: int, every: float = 0.0) -> None:
+    def stream(
+        self, task: str, deadline: float, offset: int, every: float = 0.0, stop: threading.Event | None = None
+    ) -> None:
+        """Requests of one task until the deadline (or `stop`), back to back or one every `every` s, paced from each
+        request's start: waiting `every` after each answer would leave the connection idle exactly as long as a
+        server may keep it alive (2 s), and now and then a request would meet it closing."""
+        stop = stop or threading.Event()
         with httpx.Client() as client:
             i = offset
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not stop.is_set():
                 started = time.monotonic()
                 self.one(client, task, i)
                 i += 1
                 if every:
-                    time.sleep(max(0.0, every - (time.monotonic() - started)))
+                    stop.wait(max(0.0, every - (time.monotonic() - started)))
 
     def run(self, plan: list[tuple[str, float]], seconds: float, pid: int | None = None) -> list[float]:
         """plan: (task, period; 0 = back to back) per stream. Returns RSS samples (MB, 1 per second)."""
@@ -522,20 +528,9 @@ class Load:
             if self.done[task] + self.errors[task] >= photos:
                 finished[task] = time.monotonic() - started
 
-        def searches() -> None:
-            # paced from each search's start, as the mix's stream is: waiting `search_every` after each answer left
-            # the connection idle exactly as long as both servers keep it alive (2 s), and a search now and then
-            # met it closing
-            with httpx.Client() as client:
-                i, due = 0, started + search_every
-                while not everything.wait(max(0.0, due - time.monotonic())) and time.monotonic() < deadline:
-                    due = time.monotonic() + search_every
-                    self.one(client, "search", i)
-                    i += 1
-
         helpers = [threading.Thread(target=queue, args=q) for q in queues]
         if search_every:
-            helpers.append(threading.Thread(target=searches))
+            helpers.append(threading.Thread(target=self.stream, args=("search", deadline, 0, search_every, everything)))
         for t in helpers:
             t.start()
         for t in helpers[: len(queues)]:
