@@ -11,6 +11,10 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const result = {};
 for (const gap of gapList.split(",").map(Number)) {
   const tally = (result[gap] = { ok: 0, failed: 0, why: {} });
+  const fail = (why) => {
+    tally.why[why] = (tally.why[why] || 0) + 1;
+    tally.failed++;
+  };
   for (let i = 0; i < Number(count); i++) {
     const form = new FormData();
     form.append("entries", JSON.stringify({ clip: { textual: { modelName: model } } }));
@@ -18,13 +22,10 @@ for (const gap of gapList.split(",").map(Number)) {
     try {
       const response = await fetch(new URL("predict", base), { method: "POST", body: form });
       await response.arrayBuffer();
-      const why = response.ok ? null : `status ${response.status}`;
-      if (why) tally.why[why] = (tally.why[why] || 0) + 1;
-      response.ok ? tally.ok++ : tally.failed++;
+      if (response.ok) tally.ok++;
+      else fail(`status ${response.status}`);
     } catch (error) {
-      const why = String(error.cause?.message || error.message);
-      tally.why[why] = (tally.why[why] || 0) + 1;
-      tally.failed++;
+      fail(String(error.cause?.message || error.message));
     }
     await sleep(gap);
   }
